@@ -1,0 +1,31 @@
+# `make demo` and `make test` each set up everything on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint bench clean
+
+$(STAMP): setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,imagenet,convert]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.llamagen_imagenet --config digits --workdir runs/demo_llamagen
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check arjax experiments tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -x
+
+test-all: $(STAMP) lint
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.llamagen_sampling
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

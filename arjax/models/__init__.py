@@ -1,0 +1,20 @@
+"""Model families. Each file holds one `XConfig` and one `X(nnx.Module)`.
+
+At the jit boundary a model is the pair (graphdef, params): `params` is a plain nested dict of
+arrays (what optimizers, checkpoints and converters see), `bind` rebuilds the module inside jit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def bind(graphdef: nnx.GraphDef, params: dict[str, Any]) -> Any:
+    return nnx.merge(graphdef, params, copy=False)

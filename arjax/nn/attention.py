@@ -1,0 +1,75 @@
+"""Multi-head (grouped-query) causal self-attention with an explicit KV-cache pytree.
+
+Shapes: B batch, T new tokens, S cache length, H query heads, K key/value heads, d head dim.
+The cache is a plain pytree `{"k": [B,S,K,d], "v": [B,S,K,d]}` passed in and returned, so
+samplers can carry it through `lax` loops and roll back by simply not advancing a position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arjax.nn.rope import apply_rope
+
+KVCache = dict[str, jax.Array]
+
+
+def init_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    shape = (batch, length, kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,T,H,d], k/v [B,S,K,d], mask [T,S] or [B,T,S] (True = visible) -> [B,T,H,d]."""
+    b, t, h, d = q.shape
+    groups = h // k.shape[2]
+    q = q.reshape(b, t, k.shape[2], groups, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
+    mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
+    logits = jnp.where(mask, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    """LlamaGen attention: fused `wqkv` (rows [q; k; v]), no biases, RoPE on q and k."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, dtype,
+                 rngs: nnx.Rngs, init_std: float = 0.02):
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.head_dim = dim // heads
+        init = nnx.initializers.normal(init_std)
+        total = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.wqkv = nnx.Linear(dim, total, use_bias=False, dtype=dtype, kernel_init=init,
+                               rngs=rngs)
+        self.wo = nnx.Linear(dim, dim, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+
+    def _qkv(self, x, rope):
+        b, t, _ = x.shape
+        hd, nq, nk = self.head_dim, self.heads, self.kv_heads
+        qkv = self.wqkv(x)
+        q = qkv[..., : nq * hd].reshape(b, t, nq, hd)
+        k = qkv[..., nq * hd:(nq + nk) * hd].reshape(b, t, nk, hd)
+        v = qkv[..., (nq + nk) * hd:].reshape(b, t, nk, hd)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def __call__(self, x: jax.Array, rope: jax.Array, mask: jax.Array) -> jax.Array:
+        """Full (teacher-forced) pass: x [B,T,D], rope [T,hd/2,2], mask [T,T]."""
+        q, k, v = self._qkv(x, rope)
+        out = attend(q, k, v, mask)
+        return self.wo(out.reshape(*x.shape[:2], -1))
+
+    def decode(self, x: jax.Array, rope: jax.Array, cache: KVCache, pos: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+        """Feeds T tokens at positions pos..pos+T-1 (scalar `pos`), attending to the cache."""
+        q, k, v = self._qkv(x, rope)
+        zero = jnp.zeros((), jnp.int32)
+        idx = (zero, pos.astype(jnp.int32), zero, zero)
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
+        t, s = x.shape[1], cache["k"].shape[1]
+        mask = jnp.arange(s)[None, :] <= pos + jnp.arange(t)[:, None]
+        out = attend(q, cache["k"], cache["v"], mask)
+        return self.wo(out.reshape(*x.shape[:2], -1)), cache

@@ -1,0 +1,46 @@
+"""Small layers shared by the model families."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 and cast back (Llama/LlamaGen: eps 1e-5, weighted)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """w2(silu(w1 x) * w3 x), no biases (Llama)."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+        init = nnx.initializers.normal(init_std)
+        kw = dict(use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+        self.w1 = nnx.Linear(dim, hidden, **kw)
+        self.w3 = nnx.Linear(dim, hidden, **kw)
+        self.w2 = nnx.Linear(hidden, dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `key` is None (evaluation) or rate == 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k

@@ -1,0 +1,96 @@
+"""Sampling configuration, logit filters and classifier-free guidance shared by all samplers.
+
+Conventions follow LlamaGen's `generate`: temperature first, then top-k (ties with the k-th
+logit kept), then top-p (HF-style: the smallest prefix of the sorted distribution whose mass
+reaches p, always at least one token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from arjax.config import check
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    cfg_scale: float = 1.0  # 1 = no guidance (batch not doubled)
+    cfg_schedule: str = "constant"  # "linear": scale ramps 1 -> cfg_scale over the sequence
+    cfg_interval: int = -1  # LlamaGen: guidance off after this many tokens; -1 = never
+
+    def validate(self, vocab_size: int) -> None:
+        check(self.temperature >= 0, f"sample.temperature must be >= 0, got {self.temperature}")
+        check(0 <= self.top_k <= vocab_size,
+              f"sample.top_k={self.top_k} must be in [0, vocab_size={vocab_size}] (0 = off)")
+        check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")
+        check(self.cfg_scale >= 0, f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
+        check(self.cfg_schedule in CFG_SCHEDULES,
+              f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+class SampleStats(NamedTuple):
+    forward_passes: jax.Array  # int32 scalar: sequential model calls
+    logprob: jax.Array  # float32 [B]: sum of log p(sampled token) under the sampled dist
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Masks (to -inf) logits outside top-k and outside the top-p nucleus. logits [..., V]."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before <= top_p, axis=-1, keepdims=True)  # >= 1
+        threshold = jnp.take_along_axis(sorted_desc, kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def cfg_scale_at(cfg: SampleConfig, step: jax.Array, num_steps: int) -> jax.Array:
+    """Guidance scale for (0-based) step `step` of `num_steps`."""
+    scale = jnp.asarray(cfg.cfg_scale, jnp.float32)
+    if cfg.cfg_schedule == "linear":
+        scale = 1.0 + (scale - 1.0) * step / max(num_steps - 1, 1)
+    if cfg.cfg_interval >= 0:
+        scale = jnp.where(step > cfg.cfg_interval, 1.0, scale)
+    return scale
+
+
+def cfg_combine(cond: jax.Array, uncond: jax.Array, scale: jax.Array) -> jax.Array:
+    """u + (c - u) * scale: LlamaGen's guided logits."""
+    return uncond + (cond - uncond) * scale
+
+
+def guided_logits(logits: jax.Array, cfg: SampleConfig, step, num_steps: int) -> jax.Array:
+    """[2B,...] logits of the doubled batch [cond; uncond] -> [B,...] guided logits."""
+    if not cfg.uses_cfg:
+        return logits
+    cond, uncond = jnp.split(logits, 2, axis=0)
+    return cfg_combine(cond, uncond, cfg_scale_at(cfg, step, num_steps))
+
+
+def sample_token(key: jax.Array, logits: jax.Array, cfg: SampleConfig
+                 ) -> tuple[jax.Array, jax.Array]:
+    """logits [B,V] -> (token int32 [B], log p(token) [B]) after temperature/top-k/top-p."""
+    if cfg.temperature == 0:
+        token = jnp.argmax(logits, axis=-1)
+        return token.astype(jnp.int32), jnp.zeros(logits.shape[:-1], jnp.float32)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    token = jax.random.categorical(key, logits, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
+    return token.astype(jnp.int32), logp[:, 0]

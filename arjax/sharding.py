@@ -1,0 +1,124 @@
+"""Device mesh, parameter sharding rules and global batches.
+
+One code path for 1 device, 8 simulated CPU devices and a multi-host pod: state is built abstractly
+(`jax.eval_shape`), shardings are derived from regex rules on parameter paths (first match wins),
+and the state is then materialised directly in its sharded layout by a jitted init.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from arjax.config import check
+
+DATA_AXES = ("data", "fsdp")
+SpecFn = Callable[[tuple[int, ...], Mesh], P]
+Rule = tuple[str, P | SpecFn]
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1)),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh such as (("data", -1), ("fsdp", 2)); -1 takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    names = tuple(name for name, _ in axes)
+    sizes = [size for _, size in axes]
+    known = math.prod(s for s in sizes if s != -1)
+    check(sizes.count(-1) <= 1, f"mesh {axes}: at most one axis may be -1")
+    check(len(devices) % known == 0,
+          f"mesh {axes} needs a multiple of {known} devices, found {len(devices)}")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    check(math.prod(sizes) == len(devices),
+          f"mesh {axes} has {math.prod(sizes)} slots but there are {len(devices)} devices")
+    axis_types = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(sizes), names, axis_types=axis_types, devices=devices)
+
+
+def fsdp(axis: str = "fsdp", min_size_mb: float = 4.0) -> SpecFn:
+    """Shards the largest dimension divisible by the axis size; small tensors stay replicated."""
+
+    def spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+        size = mesh.shape[axis]
+        if size == 1 or math.prod(shape) * 4 < min_size_mb * 2**20:
+            return P()
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % size == 0:
+                return P(*[axis if d == dim else None for d in range(len(shape))])
+        return P()
+
+    return spec
+
+
+DEFAULT_RULES: tuple[Rule, ...] = ((r".*", fsdp()),)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """'layers/0/attention/wqkv/kernel' for a jax key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def param_shardings(abstract: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
+    """Maps every leaf of `abstract` (arrays or ShapeDtypeStructs) to a NamedSharding."""
+
+    def one(path, leaf):
+        name = path_str(path)
+        for pattern, spec in rules:
+            if re.fullmatch(pattern, name):
+                spec = spec(tuple(leaf.shape), mesh) if callable(spec) else spec
+                return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every data-parallel axis of the mesh."""
+    return NamedSharding(mesh, P(tuple(a for a in DATA_AXES if a in mesh.axis_names)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in DATA_AXES if a in mesh.axis_names)
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    n = data_parallel_size(mesh)
+    check(batch_size > 0 and batch_size % n == 0,
+          f"{what}={batch_size} must be a positive multiple of the {n} data-parallel devices "
+          f"of the mesh {dict(mesh.shape)}; use e.g. {what}={max(n, batch_size // n * n or n)}")
+
+
+def to_global(local_batch: Any, mesh: Mesh) -> Any:
+    """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded on the batch."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+                 ) -> tuple[Any, Any]:
+    """Runs `init_fn` under jit so every leaf is created directly in its sharded layout.
+
+    Returns (state, shardings). Nothing is ever materialised whole on one device.
+    """
+    abstract = jax.eval_shape(init_fn)
+    shardings = param_shardings(abstract, mesh, rules)
+    return jax.jit(init_fn, out_shardings=shardings)(), shardings

@@ -1,0 +1,108 @@
+"""The one training loop every experiment uses.
+
+An experiment supplies pure functions: `init() -> TrainState` and
+`train_step(state, batch) -> (state, metrics)`. `fit` owns the rest: sharded creation,
+jit with donation and explicit shardings, resume from the latest checkpoint (step, params,
+optimizer, RNG and data position), periodic checkpoints, SIGTERM save, TensorBoard scalars,
+a NaN guard and a progress bar.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from arjax import sharding
+from arjax.checkpoint import Checkpointer, StopSignal, abstract_like
+from arjax.writer import MetricWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+    key: jax.Array  # raw uint32 key data; per-step keys are fold_in(key, step)
+
+    def step_key(self) -> jax.Array:
+        """The PRNG key of the current step: derived, never carried, so resume is exact."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.key), self.step)
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def create_state(init_fn: Callable[[], TrainState], mesh, rules: Sequence[sharding.Rule]
+                 ) -> tuple[TrainState, Any]:
+    """Materialises the state sharded; the step and key are replicated."""
+    return sharding.init_sharded(init_fn, mesh, rules)
+
+
+def fit(*, name: str, init_fn: Callable[[], TrainState],
+        train_step: Callable[[TrainState, Any], tuple[TrainState, dict]],
+        make_batches: Callable[[int], Iterator[Any]], steps: int, mesh,
+        workdir: str | None, rules: Sequence[sharding.Rule] = sharding.DEFAULT_RULES,
+        log_every: int = 50, ckpt_every: int = 500, keep: int = 2,
+        on_log: Callable[[int, dict], None] | None = None,
+        progress: bool = True) -> tuple[TrainState, list[dict]]:
+    """Trains `steps` steps (resuming if `workdir/name/ckpt` has a checkpoint).
+
+    Args:
+      make_batches: start_step -> iterator of global batches from that step on.
+    Returns:
+      the final state and the logged metrics (one dict per log step).
+    """
+    state, shardings = create_state(init_fn, mesh, rules)
+    ckpt = writer = None
+    if workdir is not None:
+        ckpt = Checkpointer(f"{workdir}/{name}/ckpt", keep=keep)
+        writer = MetricWriter(f"{workdir}/{name}/tb")
+        if ckpt.latest_step() is not None:
+            state = ckpt.restore(abstract_like(state))
+    start = int(state.step)
+    step_fn = jax.jit(train_step, donate_argnums=0,
+                      out_shardings=(shardings, sharding.replicated(mesh)))
+    history: list[dict] = []
+    batches = make_batches(start)
+    bar = tqdm(total=steps, initial=start, desc=name, disable=not progress, dynamic_ncols=True)
+    t0, last_step = time.perf_counter(), start
+    with StopSignal() as stop:
+        for step in range(start, steps):
+            state, metrics = step_fn(state, next(batches))
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(np.isfinite(v) for v in metrics.values()):
+                    raise NonFiniteError(f"{name}: non-finite metrics at step {done}: {metrics}")
+                dt = time.perf_counter() - t0
+                metrics["time/steps_per_s"] = (done - last_step) / max(dt, 1e-9)
+                t0, last_step = time.perf_counter(), done
+                history.append({"step": done, **metrics})
+                if writer:
+                    writer.scalars(done, metrics)
+                if on_log:
+                    on_log(done, metrics)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                                 if k.startswith("train/")})
+            bar.update(1)
+            if ckpt and (done % ckpt_every == 0 or done == steps or stop.requested):
+                ckpt.save(done, state, force=True)
+            if stop.requested:
+                bar.write(f"{name}: SIGTERM received, saved step {done}; exiting")
+                break
+    bar.close()
+    if ckpt:
+        ckpt.wait()
+        ckpt.close()
+    if writer:
+        writer.close()
+    if stop.requested:
+        raise SystemExit(143)
+    return state, history
