@@ -50,7 +50,8 @@ def override(cfg: C, assignments: Sequence[str]) -> C:
 
 
 def _replace_path(obj: Any, path: list[str], text: str, dotted: str) -> Any:
-    check(dataclasses.is_dataclass(obj), f"override {dotted!r}: {path[0]!r} is not a config section")
+    check(dataclasses.is_dataclass(obj),
+          f"override {dotted!r}: {path[0]!r} is not a config section")
     names = [f.name for f in dataclasses.fields(obj)]
     check(path[0] in names, f"override {dotted!r}: unknown field {path[0]!r}; known: {names}")
     current = getattr(obj, path[0])

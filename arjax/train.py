@@ -106,3 +106,38 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     if stop.requested:
         raise SystemExit(143)
     return state, history
+
+
+def make_train_step(graphdef, loss_fn: Callable, tx) -> Callable:
+    """Builds a pure `train_step(state, batch)` from `loss_fn(model, batch, key) -> (loss, aux)`.
+
+    Reports the loss, the scalars in `aux`, and the l2 norms of grads, params and updates.
+    """
+    import optax
+
+    from arjax.models import bind
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        key = state.step_key()
+
+        def objective(params):
+            return loss_fn(bind(graphdef, params), batch, key)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
+                   "train/l2_grads": optax.global_norm(grads),
+                   "train/l2_params": optax.global_norm(params),
+                   "train/l2_updates": optax.global_norm(updates)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def init_state(params, tx, seed: int) -> TrainState:
+    """Step 0 state (call inside `create_state`'s init function so it is built sharded)."""
+    import jax.numpy as jnp
+
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      key=jax.random.key_data(jax.random.key(seed)))

@@ -1,0 +1,1 @@
+"""Import of official PyTorch checkpoints (optional extra: `pip install arjax[convert]`)."""

@@ -1,0 +1,63 @@
+"""LlamaGen c2i GPT and VQ-16/VQ-8 checkpoints <-> arjax params.
+
+Names follow the official state_dicts (models/gpt.py, tokenizer_image/vq_model.py); arjax
+module paths mirror them, so the mapping is mechanical: `/` -> `.`, Dense/Conv `kernel` ->
+`weight` (transposed), GroupNorm `scale` -> `weight`, Embed `embedding` -> `weight`.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from arjax.convert import torch_io
+from arjax.models import split
+from arjax.models.raster_ar import RasterAR, RasterARConfig
+from arjax.tokenizers.vq import VQConfig, VQTokenizer
+
+GPT_BUFFERS = ("freqs_cis",)
+VQ_BUFFERS = ("quantize.codebook_used",)
+INVERSE = {torch_io.linear: torch_io.linear, torch_io.conv: torch_io.conv_inverse,
+           torch_io.identity: torch_io.identity}
+
+
+def torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transform]:
+    """arjax param path -> (official torch key, transform torch->arjax)."""
+    parts = path.split("/")
+    leaf, transform = parts[-1], torch_io.identity
+    if leaf == "kernel":
+        leaf, transform = "weight", (torch_io.conv if len(shape) == 4 else torch_io.linear)
+    elif leaf in ("scale", "embedding"):
+        leaf = "weight"
+    if parts[:-1] == ["cls_embedding"]:
+        leaf = "embedding_table.weight"
+    return ".".join(parts[:-1] + [leaf]), transform
+
+
+def _abstract(module_fn):
+    return jax.eval_shape(lambda: split(module_fn())[1])
+
+
+def gpt_params_from_torch(state_dict, cfg: RasterARConfig):
+    abstract = _abstract(lambda: RasterAR(cfg, rngs=nnx.Rngs(0)))
+    return torch_io.convert(state_dict, abstract, torch_name, ignore=GPT_BUFFERS)
+
+
+def vq_params_from_torch(state_dict, cfg: VQConfig):
+    abstract = _abstract(lambda: VQTokenizer(cfg, rngs=nnx.Rngs(0)))
+    return torch_io.convert(state_dict, abstract, torch_name, ignore=VQ_BUFFERS)
+
+
+def load_gpt(path: str, cfg: RasterARConfig):
+    """Official `c2i_*.pt` (DDP dict with "model"/"ema", or bare FSDP state_dict)."""
+    return gpt_params_from_torch(torch_io.load_state_dict(path), cfg)
+
+
+def load_vq(path: str, cfg: VQConfig):
+    """Official `vq_ds16_c2i.pt` / `vq_ds8_c2i.pt` (weights under "model")."""
+    return vq_params_from_torch(torch_io.load_state_dict(path, subkeys=("model",)), cfg)
+
+
+def to_torch(params) -> dict:
+    """arjax params -> official-named numpy state_dict (for export and round-trip tests)."""
+    return torch_io.export(params, torch_name, INVERSE)

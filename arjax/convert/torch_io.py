@@ -1,0 +1,120 @@
+"""Safe loading of official PyTorch checkpoints and strict key/shape matching.
+
+`torch.load(weights_only=True)` with argparse.Namespace allow-listed: LlamaGen/MAR training
+files embed their argparse args, which the default safe unpickler refuses. safetensors files
+are read without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from arjax.sharding import path_str
+
+
+class CheckpointMismatch(ValueError):
+    """The file does not fit the model: names the missing/unexpected keys and wrong shapes."""
+
+
+def load_state_dict(path: str, subkeys: Sequence[str] = ("ema", "model")
+                    ) -> dict[str, np.ndarray]:
+    """Reads a .pt/.pth/.ckpt (safe unpickler) or .safetensors file into float32 numpy arrays.
+
+    The first of `subkeys` present in a dict checkpoint is taken (e.g. LlamaGen's "model").
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading PyTorch checkpoints needs torch: "
+                          "pip install 'arjax[convert]'") from e
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatch(f"{path!r} is not a readable PyTorch checkpoint: {e}") from e
+    for key in subkeys:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatch(f"{path!r} holds a {type(obj).__name__}, not a state_dict")
+    return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def linear(w: np.ndarray) -> np.ndarray:
+    """torch Linear (out, in) -> flax kernel (in, out); also the inverse."""
+    return w.T
+
+
+def conv(w: np.ndarray) -> np.ndarray:
+    """torch OIHW -> flax HWIO."""
+    return w.transpose(2, 3, 1, 0)
+
+
+def conv_inverse(w: np.ndarray) -> np.ndarray:
+    return w.transpose(3, 2, 0, 1)
+
+
+def identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def convert(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
+            name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]],
+            ignore: Sequence[str] = ()) -> Any:
+    """Fills `abstract_params` (a pytree of shapes) from `state_dict`, strictly.
+
+    `name_of(flax_path, shape) -> (torch_key, transform)`. Every flax leaf must be found with
+    the right shape, and every torch key must be used (except buffers listed in `ignore`);
+    otherwise one `CheckpointMismatch` lists all problems.
+    """
+    import jax
+
+    problems, used = [], set()
+
+    def one(path, leaf):
+        key, transform = name_of(path_str(path), tuple(leaf.shape))
+        used.add(key)
+        if key not in state_dict:
+            problems.append(f"missing key {key!r} (for {path_str(path)}, shape {leaf.shape})")
+            return np.zeros(leaf.shape, np.float32)
+        value = transform(np.asarray(state_dict[key], np.float32))
+        if value.shape != tuple(leaf.shape):
+            problems.append(f"shape mismatch at {key!r}: file {state_dict[key].shape} "
+                            f"-> {value.shape}, model expects {tuple(leaf.shape)}")
+        return value
+
+    params = jax.tree_util.tree_map_with_path(one, abstract_params)
+    unexpected = sorted(k for k in state_dict if k not in used and k not in ignore)
+    problems += [f"unexpected key {k!r} {state_dict[k].shape}" for k in unexpected]
+    if problems:
+        raise CheckpointMismatch(
+            f"checkpoint does not match the model config ({len(problems)} problems; check the "
+            "model size/preset):\n  " + "\n  ".join(problems[:40]))
+    return params
+
+
+def export(params: Any, name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]],
+           inverse: Mapping[Transform, Transform]) -> dict[str, np.ndarray]:
+    """The inverse of `convert`: arjax params -> torch-named numpy state_dict."""
+    import jax
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key, transform = name_of(path_str(path), tuple(leaf.shape))
+        out[key] = inverse[transform](np.asarray(leaf))
+    return out

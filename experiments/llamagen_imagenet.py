@@ -1,0 +1,292 @@
+"""LlamaGen: VQ tokenizer + class-conditional raster AR GPT, trained and sampled.
+
+Run:   python -m experiments.llamagen_imagenet --config digits --workdir runs/llamagen_digits
+       python -m experiments.llamagen_imagenet --config imagenet256_B --workdir /ckpt/gpt_b \
+           --set data.data_dir=/data/tfds --set data.manual_dir=/data/imagenet \
+           --set tokenizer_ckpt=/weights/vq_ds16_c2i.pt
+Sample an official model:  --config imagenet256_B --set gpt_ckpt=/weights/c2i_B_256.pt \
+           --set tokenizer_ckpt=/weights/vq_ds16_c2i.pt --set gpt_train.steps=0
+
+Stages: (1) train the VQ tokenizer (or load the official one), (2) extract codes once (cached
+in the work dir, as LlamaGen's extract_codes_c2i), (3) train the GPT (or load it), (4) sample
+a PNG grid with one row per class. Every stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from arjax import config as cfglib
+from arjax import sharding
+from arjax.data import Batches, DataConfig, open_source
+from arjax.data.sources import ArraySource
+from arjax.images import save_grid
+from arjax.models import bind, split
+from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
+from arjax.optim import OptimConfig, make_optimizer
+from arjax.sampling.common import SampleConfig
+from arjax.sampling.raster import sample
+from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
+from arjax.train import fit, init_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    optim: OptimConfig = OptimConfig()
+    log_every: int = 50
+    ckpt_every: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    tokenizer: VQConfig = VQ_16
+    tokenizer_train: StageConfig = StageConfig()
+    tokenizer_ckpt: str | None = None  # official VQ .pt: skips tokenizer training
+    model: RasterARConfig = gpt_config("B")
+    gpt_train: StageConfig = StageConfig()
+    gpt_ckpt: str | None = None  # official c2i GPT .pt: skips GPT training
+    sample: SampleConfig = SampleConfig(cfg_scale=2.0)
+    samples_per_class: int = 8
+    sample_classes: tuple[int, ...] = tuple(range(10))
+    encode_batch: int = 256
+    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
+    seed: int = 0
+
+
+DIGITS = Config(
+    data=DataConfig(name="digits", image_size=32),
+    tokenizer=VQConfig(codebook_size=64, codebook_dim=8, ch=16, ch_mult=(1, 2, 2),
+                       num_res_blocks=1, z_channels=32, norm_groups=8),
+    tokenizer_train=StageConfig(steps=400, batch_size=64, log_every=50, ckpt_every=200,
+                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
+    model=RasterARConfig(vocab_size=64, grid=8, num_classes=10, dim=128, depth=4, heads=4,
+                         multiple_of=32, dropout=0.0, label_drop=0.1),
+    gpt_train=StageConfig(steps=1500, batch_size=64, log_every=100, ckpt_every=500,
+                          optim=OptimConfig(lr=1e-3, warmup_steps=50)),
+    sample=SampleConfig(cfg_scale=2.0),
+    samples_per_class=8,
+)
+
+
+def imagenet(size: str) -> Config:
+    """LlamaGen c2i at 256 px: VQ-16 (official weights) + GPT-`size`, official recipe."""
+    return Config(
+        data=DataConfig(name="imagenet2012", image_size=256),
+        tokenizer=VQ_16,
+        tokenizer_train=StageConfig(steps=0),
+        model=gpt_config(size),
+        gpt_train=StageConfig(steps=300 * 1_281_167 // 256, batch_size=256, log_every=100,
+                              ckpt_every=5000, optim=OptimConfig(lr=1e-4, weight_decay=0.05)),
+        # FID protocol of the repo: cfg 2.0 for B/L, 1.75 for XL/XXL, 1.65 for 3B.
+        sample=SampleConfig(cfg_scale={"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75}.get(
+            size, 1.65)),
+        sample_classes=(207, 360, 387, 974, 88, 979, 417, 279),
+    )
+
+
+PRESETS = {"digits": DIGITS, **{f"imagenet256_{s}": imagenet(s)
+                                for s in ("B", "L", "XL", "XXL", "3B")}}
+
+
+def validate(cfg: Config, mesh) -> None:
+    """Every check that can fail, on the host, before anything is compiled."""
+    check = cfglib.check
+    cfg.model.validate()
+    cfg.tokenizer.validate()
+    cfg.sample.validate(cfg.model.vocab_size)
+    check(cfg.model.vocab_size == cfg.tokenizer.codebook_size,
+          f"model.vocab_size={cfg.model.vocab_size} must equal tokenizer.codebook_size="
+          f"{cfg.tokenizer.codebook_size}")
+    latent = cfg.data.image_size // cfg.tokenizer.downsample
+    check(cfg.model.grid == latent,
+          f"model.grid={cfg.model.grid} but the tokenizer gives {latent}x{latent} codes for "
+          f"{cfg.data.image_size}px images; set model.grid={latent}")
+    check(all(0 <= c < cfg.model.num_classes for c in cfg.sample_classes),
+          f"sample_classes must lie in [0, {cfg.model.num_classes})")
+    for name, stage in (("tokenizer_train", cfg.tokenizer_train), ("gpt_train", cfg.gpt_train)):
+        check(stage.steps >= 0, f"{name}.steps must be >= 0")
+        if stage.steps:
+            sharding.check_batch(stage.batch_size, mesh, f"{name}.batch_size")
+    check(cfg.tokenizer_ckpt is not None or cfg.tokenizer_train.steps > 0,
+          "no tokenizer: set tokenizer_ckpt=/path/vq_ds16_c2i.pt or tokenizer_train.steps > 0")
+    check(cfg.gpt_ckpt is not None or cfg.gpt_train.steps > 0,
+          "no GPT: set gpt_ckpt=/path/c2i_B_256.pt or gpt_train.steps > 0")
+    for path in (cfg.tokenizer_ckpt, cfg.gpt_ckpt):
+        check(path is None or os.path.exists(path), f"checkpoint file {path!r} does not exist")
+    sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
+                         "samples_per_class * len(sample_classes)")
+
+
+def tokenizer_loss(model: VQTokenizer, batch, key):
+    images = to_float_jnp(batch["image"])
+    recon, aux = model(images)
+    mse = jnp.mean((recon - images) ** 2)
+    loss = mse + aux["codebook"] + aux["commit"] + aux["entropy"]
+    return loss, {"mse": mse, "codebook": aux["codebook"], "commit": aux["commit"]}
+
+
+def gpt_loss(model: RasterAR, batch, key):
+    logits = model(batch["codes"], batch["label"], key=key)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["codes"]).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["codes"])
+    return ce, {"accuracy": acc}
+
+
+def to_float_jnp(images: jax.Array) -> jax.Array:
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, cfg: Config, mesh,
+                workdir, progress=True):
+    """Trains one stage with the shared `fit` loop; returns params and the logged history."""
+    graphdef, _ = split(nnx.eval_shape(module_fn))
+    tx = make_optimizer(stage.optim)
+    state, history = fit(
+        name=name, init_fn=lambda: init_state(split(module_fn())[1], tx, cfg.seed),
+        train_step=make_train_step(graphdef, loss_fn, tx),
+        make_batches=lambda start: Batches(source, stage.batch_size, cfg.seed, mesh, start),
+        steps=stage.steps, mesh=mesh, workdir=workdir, log_every=stage.log_every,
+        ckpt_every=stage.ckpt_every, progress=progress)
+    return graphdef, state.params, history
+
+
+class CodesSource(ArraySource):
+    """Pre-extracted codes: rows are {"codes": int32 [L], "label"}."""
+
+    def __getitem__(self, indices):
+        return {"codes": self.images[indices], "label": self.labels[indices]}
+
+
+def extract_codes(vq_graphdef, vq_params, source, batch: int, cache_path: str | None):
+    """Tokenizes a whole split once (cached as .npz): the LlamaGen extract-codes workflow."""
+    if cache_path and os.path.exists(cache_path):
+        data = np.load(cache_path)
+        return CodesSource(data["codes"], data["label"], source.num_classes)
+    encode = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float_jnp(x)))
+    codes, labels = [], []
+    for start in tqdm(range(0, source.num_examples, batch), desc="extract codes"):
+        rows = source[np.arange(start, min(start + batch, source.num_examples))]
+        codes.append(np.asarray(encode(vq_params, rows["image"])))
+        labels.append(rows["label"])
+    codes, labels = np.concatenate(codes).astype(np.int32), np.concatenate(labels)
+    if cache_path:
+        np.savez(cache_path, codes=codes, label=labels)
+    return CodesSource(codes, labels, source.num_classes)
+
+
+def make_sampler(mesh, sample_cfg: SampleConfig):
+    """The jitted sampler: labels and tokens sharded over the batch, params as they are."""
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(lambda g, p, k, y: sample(g, p, k, y, sample_cfg),
+                   out_shardings=(batch, sharding.replicated(mesh)))
+
+
+def eval_loss(graphdef, params, source, batch: int) -> float:
+    """Mean teacher-forced cross-entropy on a held-out split."""
+    fn = jax.jit(lambda p, c, y: optax.softmax_cross_entropy_with_integer_labels(
+        bind(graphdef, p)(c, y), c).mean())
+    losses = [float(fn(params, *(lambda r: (r["codes"], r["label"]))(
+        source[np.arange(s, min(s + batch, source.num_examples))])))
+        for s in range(0, source.num_examples, batch)]
+    return float(np.mean(losses))
+
+
+def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
+    """The whole pipeline; returns a summary dict (also written to workdir/summary.json)."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    validate(cfg, mesh)
+    train_source = open_source(cfg.data, "train")
+    summary: dict = {}
+
+    vq_fn = lambda: VQTokenizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
+    if cfg.tokenizer_ckpt:
+        from arjax.convert.llamagen import load_vq
+
+        vq_graphdef, vq_params = split(nnx.eval_shape(vq_fn))[0], load_vq(
+            cfg.tokenizer_ckpt, cfg.tokenizer)
+    else:
+        vq_graphdef, vq_params, hist = train_stage("tokenizer", vq_fn, tokenizer_loss,
+                                                   cfg.tokenizer_train, train_source, cfg,
+                                                   mesh, workdir, progress)
+        summary["tokenizer/final_mse"] = hist[-1]["train/mse"] if hist else None
+
+    cache = (lambda split_: f"{workdir}/codes_{split_}.npz") if workdir else (lambda _: None)
+    codes = extract_codes(vq_graphdef, vq_params, train_source, cfg.encode_batch, cache("train"))
+
+    gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
+    if cfg.gpt_ckpt:
+        from arjax.convert.llamagen import load_gpt
+
+        graphdef, params = split(nnx.eval_shape(gpt_fn))[0], load_gpt(cfg.gpt_ckpt, cfg.model)
+    else:
+        graphdef, params, hist = train_stage("gpt", gpt_fn, gpt_loss, cfg.gpt_train, codes, cfg,
+                                             mesh, workdir, progress)
+        if hist:
+            summary.update({"gpt/final_loss": hist[-1]["train/loss"],
+                            "gpt/steps_per_s": hist[-1]["time/steps_per_s"],
+                            "gpt/train_tokens_per_s": hist[-1]["time/steps_per_s"]
+                            * cfg.gpt_train.batch_size * cfg.model.seq_len})
+    summary["gpt/params"] = param_count(params)
+    if cfg.data.name == "digits":
+        test = extract_codes(vq_graphdef, vq_params, open_source(cfg.data, "test"),
+                             cfg.encode_batch, cache("test"))
+        summary["gpt/test_loss"] = eval_loss(graphdef, params, test, 256)
+
+    labels = np.repeat(np.asarray(cfg.sample_classes, np.int32), cfg.samples_per_class)
+    sampler = make_sampler(mesh, cfg.sample)
+    key = jax.random.key(cfg.seed)
+    labels_global = sharding.to_global(labels, mesh)
+    tokens, stats = sampler(graphdef, params, key, labels_global)  # compile + run
+    jax.block_until_ready(tokens)
+    t0 = time.perf_counter()
+    tokens, stats = sampler(graphdef, params, key, labels_global)
+    jax.block_until_ready(tokens)
+    summary["sample/seconds"] = time.perf_counter() - t0
+    summary["sample/images"] = len(labels)
+    summary["sample/forward_passes"] = int(stats.forward_passes)
+    images = jax.jit(lambda p, c: bind(vq_graphdef, p).decode(c))(vq_params, tokens)
+    if workdir:
+        grid = save_grid(f"{workdir}/samples.png", np.asarray(images), cfg.samples_per_class,
+                         scale=max(1, 128 // cfg.data.image_size))
+        np.savez(f"{workdir}/samples.npz", images=np.asarray(images), labels=labels,
+                 tokens=np.asarray(tokens))
+        from arjax.writer import MetricWriter
+
+        writer = MetricWriter(f"{workdir}/sample_tb")
+        writer.image(cfg.gpt_train.steps, "samples", grid)
+        writer.scalars(cfg.gpt_train.steps, {k: v for k, v in summary.items()
+                                             if isinstance(v, (int, float))})
+        writer.close()
+        with open(f"{workdir}/summary.json", "w") as f:
+            json.dump({"config": cfglib.to_dict(cfg), **summary}, f, indent=1)
+    summary["images"] = np.asarray(images)
+    summary["labels"] = labels
+    return summary
+
+
+def main(argv: Sequence[str]) -> None:
+    cfg, args = cfglib.from_argv(PRESETS, argv, __doc__)
+    workdir = args.workdir or f"runs/llamagen_{args.config}"
+    summary = run(cfg, workdir)
+    printable = {k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}
+    print(json.dumps(printable, indent=1))
+    print(f"samples: {workdir}/samples.png (one row per class)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
