@@ -45,7 +45,7 @@ def fsdp(axis: str = "fsdp", min_size_mb: float = 4.0) -> SpecFn:
     """Shards the largest dimension divisible by the axis size; small tensors stay replicated."""
 
     def spec(shape: tuple[int, ...], mesh: Mesh) -> P:
-        size = mesh.shape[axis]
+        size = mesh.shape.get(axis, 1)
         if size == 1 or math.prod(shape) * 4 < min_size_mb * 2**20:
             return P()
         for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):

@@ -1,0 +1,35 @@
+"""8 simulated CPU devices (set before JAX starts) and tiny-model factories."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from arjax.models import split  # noqa: E402
+from arjax.models.raster_ar import RasterAR, RasterARConfig  # noqa: E402
+
+
+def tiny_gpt_config(**overrides) -> RasterARConfig:
+    base = dict(vocab_size=16, grid=3, num_classes=4, dim=32, depth=2, heads=2,
+                multiple_of=8, dropout=0.0, label_drop=0.0)
+    return RasterARConfig(**{**base, **overrides})
+
+
+def tiny_gpt(seed: int = 0, scale: float = 0.3, **overrides):
+    """(graphdef, params) with all weights randomised (the zero-init head would hide bugs)."""
+    graphdef, params = split(RasterAR(tiny_gpt_config(**overrides), rngs=nnx.Rngs(seed)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return graphdef, jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="session")
+def devices():
+    assert len(jax.devices()) == 8, "conftest must run before JAX initialises"
+    return jax.devices()

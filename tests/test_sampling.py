@@ -1,0 +1,133 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_gpt
+from scipy import stats
+
+from arjax.config import ConfigError
+from arjax.models import bind
+from arjax.sampling.common import SampleConfig, cfg_combine, filter_logits, guided_logits
+from arjax.sampling.raster import sample
+
+sample_jit = jax.jit(sample, static_argnames="cfg")
+
+
+def hf_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Reference: LlamaGen/HF top_k_top_p_filtering, written out in numpy."""
+    logits = logits.copy()
+    if top_k > 0:
+        kth = np.sort(logits)[::-1][top_k - 1]
+        logits[logits < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        probs = np.exp(logits[order] - logits[order].max())
+        probs /= probs.sum()
+        remove = np.cumsum(probs) > top_p
+        remove[1:] = remove[:-1].copy()
+        remove[0] = False
+        logits[order[remove]] = -np.inf
+    return logits
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (1, 1.0), (0, 0.5), (0, 0.9),
+                                         (5, 0.7), (0, 0.01)])
+def test_filters_match_reference(top_k, top_p):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 20)).astype(np.float32) * 2
+    got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+    for row in range(6):
+        np.testing.assert_array_equal(np.isinf(got[row]),
+                                      np.isinf(hf_filter(logits[row], top_k, top_p)))
+    assert np.all(np.isfinite(got).sum(-1) >= 1)
+
+
+def test_top_k_keeps_ties():
+    got = filter_logits(jnp.array([[1.0, 3.0, 2.0, 2.0, 0.0]]), 2, 1.0)
+    np.testing.assert_array_equal(np.isfinite(got[0]), [False, True, True, True, False])
+
+
+def test_cfg_logits_equal_manual_formula():
+    cond, uncond = jnp.array([[1.0, 2.0, -1.0]]), jnp.array([[0.5, 0.0, 1.0]])
+    np.testing.assert_allclose(cfg_combine(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
+    doubled = jnp.concatenate([cond, uncond])
+    lin = SampleConfig(cfg_scale=4.0, cfg_schedule="linear")
+    np.testing.assert_allclose(guided_logits(doubled, lin, 0, 5), cond)  # ramp starts at 1
+    np.testing.assert_allclose(guided_logits(doubled, lin, 4, 5), uncond + 4 * (cond - uncond))
+    interval = SampleConfig(cfg_scale=4.0, cfg_interval=2)
+    np.testing.assert_allclose(guided_logits(doubled, interval, 3, 5), cond)
+
+
+def exact_sequence_probs(graphdef, params, label: int, cfg: SampleConfig, grid: int, vocab):
+    """p(x_1..x_L) for every sequence, from teacher-forced (guided) logits."""
+    model = bind(graphdef, params)
+    seqs = jnp.array(list(itertools.product(range(vocab), repeat=grid * grid)))
+    cond = model(seqs, jnp.full((len(seqs),), label))
+    logits = cond
+    if cfg.uses_cfg:
+        uncond = model(seqs, jnp.full((len(seqs),), model.cfg.num_classes))
+        logits = uncond + cfg.cfg_scale * (cond - uncond)
+    logp = jax.nn.log_softmax(logits / cfg.temperature, -1)
+    joint = jnp.take_along_axis(logp, seqs[..., None], -1)[..., 0].sum(-1)
+    return np.asarray(seqs), np.exp(np.asarray(joint, np.float64))
+
+
+@pytest.mark.parametrize("cfg", [SampleConfig(), SampleConfig(cfg_scale=2.5),
+                                 SampleConfig(temperature=0.7)])
+def test_sampled_sequences_follow_model_distribution(cfg):
+    """Chi-square over all 3^4 = 81 sequences of a tiny model, batch 4000."""
+    vocab, grid = 3, 2
+    graphdef, params = tiny_gpt(vocab_size=vocab, grid=grid, scale=0.5)
+    seqs, probs = exact_sequence_probs(graphdef, params, 1, cfg, grid, vocab)
+    n = 4000
+    tokens, _ = sample_jit(graphdef, params, jax.random.key(0), jnp.ones((n,), jnp.int32), cfg)
+    index = np.asarray(tokens) @ (vocab ** np.arange(grid * grid)[::-1])
+    observed = np.bincount(index, minlength=len(seqs))
+    expected = probs / probs.sum() * n
+    keep = expected >= 5  # pool rare cells
+    obs = np.append(observed[keep], observed[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_greedy_equals_argmax_rollout_and_keys_are_deterministic():
+    graphdef, params = tiny_gpt()
+    model = bind(graphdef, params)
+    labels = jnp.array([0, 2])
+    greedy, _ = sample_jit(graphdef, params, jax.random.key(0), labels,
+                           SampleConfig(temperature=0.0))
+    seq = np.zeros((2, 9), np.int32)
+    for t in range(9):
+        seq[:, t] = np.argmax(model(jnp.asarray(seq), labels)[:, t], -1)
+    np.testing.assert_array_equal(greedy, seq)
+    a = sample_jit(graphdef, params, jax.random.key(5), labels, SampleConfig())[0]
+    b = sample_jit(graphdef, params, jax.random.key(5), labels, SampleConfig())[0]
+    c = sample_jit(graphdef, params, jax.random.key(6), labels, SampleConfig())[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_logprob_stat_matches_teacher_forcing():
+    graphdef, params = tiny_gpt()
+    labels = jnp.array([1, 3])
+    tokens, stats_ = sample_jit(graphdef, params, jax.random.key(1), labels, SampleConfig())
+    logits = bind(graphdef, params)(tokens, labels)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(stats_.logprob, lp, rtol=1e-4)
+    assert int(stats_.forward_passes) == 9
+
+
+@pytest.mark.parametrize("bad,match", [
+    (SampleConfig(temperature=-1.0), "temperature"),
+    (SampleConfig(top_k=17), "top_k"),
+    (SampleConfig(top_p=0.0), "top_p"),
+    (SampleConfig(cfg_scale=-0.5), "cfg_scale"),
+    (SampleConfig(cfg_schedule="cosine"), "cfg_schedule"),
+])
+def test_bad_sample_config_raises_before_compilation(bad, match):
+    graphdef, params = tiny_gpt()
+    with pytest.raises(ConfigError, match=match):
+        jax.jit(sample, static_argnames="cfg").lower(graphdef, params, jax.random.key(0),
+                                                     jnp.array([0]), bad)
