@@ -116,5 +116,5 @@ def export(params: Any, name_of: Callable[[str, tuple[int, ...]], tuple[str, Tra
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         key, transform = name_of(path_str(path), tuple(leaf.shape))
-        out[key] = inverse[transform](np.asarray(leaf))
+        out[key] = np.ascontiguousarray(inverse[transform](np.asarray(leaf)))
     return out
