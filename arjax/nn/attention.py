@@ -1,7 +1,8 @@
 """Multi-head (grouped-query) causal self-attention with an explicit KV-cache pytree.
 
 Shapes: B batch, T new tokens, S cache length, H query heads, K key/value heads, d head dim.
-The cache is a plain pytree `{"k": [B,S,K,d], "v": [B,S,K,d]}` passed in and returned, so
+The cache is a plain pytree `{"k": [B,K,S,d], "v": [B,K,S,d]}` (heads-major, so attention
+reads it without transposes) passed in and returned, so
 samplers can carry it through `lax` loops and roll back by simply not advancing a position.
 """
 
@@ -17,20 +18,20 @@ KVCache = dict[str, jax.Array]
 
 
 def init_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-    shape = (batch, length, kv_heads, head_dim)
+    shape = (batch, kv_heads, length, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B,T,H,d], k/v [B,S,K,d], mask [T,S] or [B,T,S] (True = visible) -> [B,T,H,d]."""
+    """q [B,T,H,d], k/v [B,K,S,d], mask [T,S] or [B,T,S] (True = visible) -> [B,T,H,d]."""
     b, t, h, d = q.shape
-    groups = h // k.shape[2]
-    q = q.reshape(b, t, k.shape[2], groups, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * d**-0.5
+    kv = k.shape[1]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) * d**-0.5
     mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
     logits = jnp.where(mask, logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -58,7 +59,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, rope: jax.Array, mask: jax.Array) -> jax.Array:
         """Full (teacher-forced) pass: x [B,T,D], rope [T,hd/2,2], mask [T,T]."""
         q, k, v = self._qkv(x, rope)
-        out = attend(q, k, v, mask)
+        out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         return self.wo(out.reshape(*x.shape[:2], -1))
 
     def decode(self, x: jax.Array, rope: jax.Array, cache: KVCache, pos: jax.Array
@@ -66,10 +67,11 @@ class Attention(nnx.Module):
         """Feeds T tokens at positions pos..pos+T-1 (scalar `pos`), attending to the cache."""
         q, k, v = self._qkv(x, rope)
         zero = jnp.zeros((), jnp.int32)
-        idx = (zero, pos.astype(jnp.int32), zero, zero)
-        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx),
-                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)}
-        t, s = x.shape[1], cache["k"].shape[1]
+        idx = (zero, zero, pos.astype(jnp.int32), zero)
+        write = lambda c, new: jax.lax.dynamic_update_slice(
+            c, new.transpose(0, 2, 1, 3).astype(c.dtype), idx)
+        cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+        t, s = x.shape[1], cache["k"].shape[2]
         mask = jnp.arange(s)[None, :] <= pos + jnp.arange(t)[:, None]
         out = attend(q, cache["k"], cache["v"], mask)
         return self.wo(out.reshape(*x.shape[:2], -1)), cache
