@@ -51,11 +51,14 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
         workdir: str | None, rules: Sequence[sharding.Rule] = sharding.DEFAULT_RULES,
         log_every: int = 50, ckpt_every: int = 500, keep: int = 2,
         on_log: Callable[[int, dict], None] | None = None,
+        evaluate: Callable[[TrainState], dict] | None = None, eval_every: int = 0,
         progress: bool = True) -> tuple[TrainState, list[dict]]:
     """Trains `steps` steps (resuming if `workdir/name/ckpt` has a checkpoint).
 
     Args:
       make_batches: start_step -> iterator of global batches from that step on.
+      evaluate: state -> {name: value}, run every `eval_every` steps and at the end; values
+        are logged as `eval/<name>` (TensorBoard, jsonl) and kept in the history.
     Returns:
       the final state and the logged metrics (one dict per log step).
     """
@@ -91,6 +94,13 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
                     on_log(done, metrics)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
                                  if k.startswith("train/")})
+            if evaluate and (done == steps or (eval_every and done % eval_every == 0)):
+                results = {f"eval/{k}": float(v) for k, v in evaluate(state).items()}
+                history.append({"step": done, **results})
+                if writer:
+                    writer.scalars(done, results)
+                bar.write(f"{name} step {done}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in results.items()))
             bar.update(1)
             if ckpt and (done % ckpt_every == 0 or done == steps or stop.requested):
                 ckpt.save(done, state, force=True)

@@ -32,7 +32,7 @@ from arjax import config as cfglib
 from arjax import sharding
 from arjax.data import Batches, DataConfig, open_source
 from arjax.data.sources import ArraySource
-from arjax.images import save_grid
+from arjax.images import save_grid, to_uint8
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
 from arjax.optim import OptimConfig, make_optimizer
@@ -49,6 +49,7 @@ class StageConfig:
     optim: OptimConfig = OptimConfig()
     log_every: int = 50
     ckpt_every: int = 500
+    eval_every: int = 0  # 0 = evaluate only at the end (digits: FID-digits etc. of samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,8 @@ class Config:
     gpt_train: StageConfig = StageConfig()
     gpt_ckpt: str | None = None  # official c2i GPT .pt: skips GPT training
     sample: SampleConfig = SampleConfig(cfg_scale=2.0)
-    samples_per_class: int = 8
+    samples_per_class: int = 8  # for the PNG grid
+    eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
     sample_classes: tuple[int, ...] = tuple(range(10))
     encode_batch: int = 256
     mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
@@ -77,9 +79,10 @@ DIGITS = Config(
     model=RasterARConfig(vocab_size=64, grid=8, num_classes=10, dim=128, depth=4, heads=4,
                          multiple_of=32, dropout=0.0, label_drop=0.1),
     gpt_train=StageConfig(steps=1500, batch_size=64, log_every=100, ckpt_every=500,
-                          optim=OptimConfig(lr=1e-3, warmup_steps=50)),
+                          eval_every=500, optim=OptimConfig(lr=1e-3, warmup_steps=50)),
     sample=SampleConfig(cfg_scale=2.0),
     samples_per_class=8,
+    eval_samples_per_class=40,
 )
 
 
@@ -130,6 +133,9 @@ def validate(cfg: Config, mesh) -> None:
         check(path is None or os.path.exists(path), f"checkpoint file {path!r} does not exist")
     sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
                          "samples_per_class * len(sample_classes)")
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        sharding.check_batch(cfg.eval_samples_per_class * cfg.model.num_classes, mesh,
+                             "eval_samples_per_class * model.num_classes")
 
 
 def tokenizer_loss(model: VQTokenizer, batch, key):
@@ -152,7 +158,7 @@ def to_float_jnp(images: jax.Array) -> jax.Array:
 
 
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, cfg: Config, mesh,
-                workdir, progress=True):
+                workdir, progress=True, evaluate=None):
     """Trains one stage with the shared `fit` loop; returns params and the logged history."""
     graphdef, _ = split(nnx.eval_shape(module_fn))
     tx = make_optimizer(stage.optim)
@@ -161,7 +167,8 @@ def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, cfg: 
         train_step=make_train_step(graphdef, loss_fn, tx),
         make_batches=lambda start: Batches(source, stage.batch_size, cfg.seed, mesh, start),
         steps=stage.steps, mesh=mesh, workdir=workdir, log_every=stage.log_every,
-        ckpt_every=stage.ckpt_every, progress=progress)
+        ckpt_every=stage.ckpt_every, evaluate=evaluate, eval_every=stage.eval_every,
+        progress=progress)
     return graphdef, state.params, history
 
 
@@ -189,11 +196,24 @@ def extract_codes(vq_graphdef, vq_params, source, batch: int, cache_path: str | 
     return CodesSource(codes, labels, source.num_classes)
 
 
-def make_sampler(mesh, sample_cfg: SampleConfig):
-    """The jitted sampler: labels and tokens sharded over the batch, params as they are."""
+def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleConfig):
+    """labels -> (images uint8, tokens, stats): the jitted sampler (labels and tokens sharded
+    over the batch, params as they are) followed by the tokenizer's decoder."""
     batch = sharding.batch_sharding(mesh)
-    return jax.jit(lambda g, p, k, y: sample(g, p, k, y, sample_cfg),
-                   out_shardings=(batch, sharding.replicated(mesh)))
+    sampler = jax.jit(lambda p, k, y: sample(graphdef, p, k, y, sample_cfg),
+                      out_shardings=(batch, sharding.replicated(mesh)))
+    decode = jax.jit(lambda p, c: bind(vq_graphdef, p).decode(c))
+
+    def generate(params, labels: np.ndarray, key):
+        t0 = time.perf_counter()
+        tokens, stats = sampler(params, key, sharding.to_global(labels, mesh))
+        jax.block_until_ready(tokens)
+        seconds = time.perf_counter() - t0
+        images = to_uint8(np.asarray(decode(vq_params, tokens)))
+        return images, np.asarray(tokens), {"seconds": seconds,
+                                            "forward_passes": int(stats.forward_passes)}
+
+    return generate
 
 
 def eval_loss(graphdef, params, source, batch: int) -> float:
@@ -229,42 +249,53 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     codes = extract_codes(vq_graphdef, vq_params, train_source, cfg.encode_batch, cache("train"))
 
     gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
+    graphdef = split(nnx.eval_shape(gpt_fn))[0]
+    generate = make_generator(graphdef, vq_graphdef, vq_params, mesh, cfg.sample)
+    score = None
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        from arjax.evaluate import evaluate_digits
+        from arjax.metrics.digits import DigitsEvaluator
+
+        evaluator = DigitsEvaluator.load()
+        eval_labels = np.repeat(np.arange(cfg.model.num_classes, dtype=np.int32),
+                                cfg.eval_samples_per_class)
+
+        def score(params) -> dict:
+            images, _, _ = generate(params, eval_labels, jax.random.key(cfg.seed + 1))
+            return evaluate_digits(images, eval_labels, train_source.images, evaluator)
+
     if cfg.gpt_ckpt:
         from arjax.convert.llamagen import load_gpt
 
-        graphdef, params = split(nnx.eval_shape(gpt_fn))[0], load_gpt(cfg.gpt_ckpt, cfg.model)
+        params = load_gpt(cfg.gpt_ckpt, cfg.model)
     else:
-        graphdef, params, hist = train_stage("gpt", gpt_fn, gpt_loss, cfg.gpt_train, codes, cfg,
-                                             mesh, workdir, progress)
-        if hist:
-            summary.update({"gpt/final_loss": hist[-1]["train/loss"],
-                            "gpt/steps_per_s": hist[-1]["time/steps_per_s"],
-                            "gpt/train_tokens_per_s": hist[-1]["time/steps_per_s"]
+        _, params, hist = train_stage(
+            "gpt", gpt_fn, gpt_loss, cfg.gpt_train, codes, cfg, mesh, workdir, progress,
+            evaluate=(lambda state: score(state.params)) if score else None)
+        train_logs = [h for h in hist if "train/loss" in h]
+        if train_logs:
+            summary.update({"gpt/final_loss": train_logs[-1]["train/loss"],
+                            "gpt/steps_per_s": train_logs[-1]["time/steps_per_s"],
+                            "gpt/train_tokens_per_s": train_logs[-1]["time/steps_per_s"]
                             * cfg.gpt_train.batch_size * cfg.model.seq_len})
     summary["gpt/params"] = param_count(params)
+    if score:
+        summary.update({f"eval/{k}": v for k, v in score(params).items()})
     if cfg.data.name == "digits":
         test = extract_codes(vq_graphdef, vq_params, open_source(cfg.data, "test"),
                              cfg.encode_batch, cache("test"))
         summary["gpt/test_loss"] = eval_loss(graphdef, params, test, 256)
 
     labels = np.repeat(np.asarray(cfg.sample_classes, np.int32), cfg.samples_per_class)
-    sampler = make_sampler(mesh, cfg.sample)
-    key = jax.random.key(cfg.seed)
-    labels_global = sharding.to_global(labels, mesh)
-    tokens, stats = sampler(graphdef, params, key, labels_global)  # compile + run
-    jax.block_until_ready(tokens)
-    t0 = time.perf_counter()
-    tokens, stats = sampler(graphdef, params, key, labels_global)
-    jax.block_until_ready(tokens)
-    summary["sample/seconds"] = time.perf_counter() - t0
+    generate(params, labels, jax.random.key(cfg.seed))  # compile for this batch size
+    images, tokens, stats = generate(params, labels, jax.random.key(cfg.seed))
+    summary["sample/seconds"] = stats["seconds"]
     summary["sample/images"] = len(labels)
-    summary["sample/forward_passes"] = int(stats.forward_passes)
-    images = jax.jit(lambda p, c: bind(vq_graphdef, p).decode(c))(vq_params, tokens)
+    summary["sample/forward_passes"] = stats["forward_passes"]
     if workdir:
-        grid = save_grid(f"{workdir}/samples.png", np.asarray(images), cfg.samples_per_class,
+        grid = save_grid(f"{workdir}/samples.png", images, cfg.samples_per_class,
                          scale=max(1, 128 // cfg.data.image_size))
-        np.savez(f"{workdir}/samples.npz", images=np.asarray(images), labels=labels,
-                 tokens=np.asarray(tokens))
+        np.savez(f"{workdir}/samples.npz", images=images, labels=labels, tokens=tokens)
         from arjax.writer import MetricWriter
 
         writer = MetricWriter(f"{workdir}/sample_tb")
@@ -274,7 +305,7 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         writer.close()
         with open(f"{workdir}/summary.json", "w") as f:
             json.dump({"config": cfglib.to_dict(cfg), **summary}, f, indent=1)
-    summary["images"] = np.asarray(images)
+    summary["images"] = images
     summary["labels"] = labels
     return summary
 

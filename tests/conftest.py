@@ -1,10 +1,13 @@
 """8 simulated CPU devices (set before JAX starts) and tiny-model factories."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The digits evaluator is trained once (deterministically) and cached here for all tests.
+os.environ.setdefault("ARJAX_CACHE", os.path.join(tempfile.gettempdir(), "arjax-test-cache"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

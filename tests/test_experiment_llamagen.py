@@ -14,7 +14,7 @@ from experiments import llamagen_imagenet as exp
 SMOKE = override(exp.DIGITS, [
     "tokenizer_train.steps=3", "tokenizer_train.batch_size=16", "tokenizer_train.log_every=1",
     "gpt_train.steps=3", "gpt_train.batch_size=16", "gpt_train.log_every=1",
-    "samples_per_class=8", "model.depth=2", "model.dim=64",
+    "samples_per_class=8", "eval_samples_per_class=8", "model.depth=2", "model.dim=64",
 ])
 
 
@@ -54,6 +54,7 @@ def test_digits_smoke_run_on_8_devices_then_resume(tmp_path):
     summary = exp.run(SMOKE, str(tmp_path), progress=False)
     assert summary["images"].shape == (80, 32, 32, 3)
     assert summary["sample/forward_passes"] == 64
+    assert 0 <= summary["eval/class_accuracy"] <= 1 and summary["eval/fid_digits"] > 0
     for f in ("samples.png", "samples.npz", "summary.json", "codes_train.npz",
               "gpt/tb/metrics.jsonl", "tokenizer/ckpt/3"):
         assert os.path.exists(tmp_path / f), f
@@ -62,5 +63,6 @@ def test_digits_smoke_run_on_8_devices_then_resume(tmp_path):
     # Longer run in the same work dir resumes the GPT from step 3 (tokenizer is done).
     longer = dataclasses.replace(SMOKE, gpt_train=dataclasses.replace(SMOKE.gpt_train, steps=4))
     exp.run(longer, str(tmp_path), progress=False)
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "gpt/tb/metrics.jsonl")]
-    assert steps == [1, 2, 3, 4]
+    logs = [json.loads(line) for line in open(tmp_path / "gpt/tb/metrics.jsonl")]
+    assert [r["step"] for r in logs if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in logs if "eval/fid_digits" in r] == [3, 4]  # at each stage end

@@ -65,8 +65,8 @@ def test_manifold_radius_counts_self_as_neighbour_zero():
 
 
 @pytest.fixture(scope="session")
-def digits_evaluator(tmp_path_factory):
-    return DigitsEvaluator.load(str(tmp_path_factory.mktemp("cache")))
+def digits_evaluator():
+    return DigitsEvaluator.load()  # cached in $ARJAX_CACHE (set by conftest)
 
 
 def test_digits_evaluator_separates_real_digits_from_noise(digits_evaluator, tmp_path):
