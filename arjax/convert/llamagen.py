@@ -17,21 +17,13 @@ from arjax.tokenizers.vq import VQConfig, VQTokenizer
 
 GPT_BUFFERS = ("freqs_cis",)
 VQ_BUFFERS = ("quantize.codebook_used",)
-INVERSE = {torch_io.linear: torch_io.linear, torch_io.conv: torch_io.conv_inverse,
-           torch_io.identity: torch_io.identity}
 
 
 def torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transform]:
     """arjax param path -> (official torch key, transform torch->arjax)."""
-    parts = path.split("/")
-    leaf, transform = parts[-1], torch_io.identity
-    if leaf == "kernel":
-        leaf, transform = "weight", (torch_io.conv if len(shape) == 4 else torch_io.linear)
-    elif leaf in ("scale", "embedding"):
-        leaf = "weight"
-    if parts[:-1] == ["cls_embedding"]:
-        leaf = "embedding_table.weight"
-    return ".".join(parts[:-1] + [leaf]), transform
+    if path == "cls_embedding/embedding":
+        return "cls_embedding.embedding_table.weight", torch_io.identity
+    return torch_io.default_torch_name(path, shape)
 
 
 def _abstract(module_fn):
@@ -60,4 +52,4 @@ def load_vq(path: str, cfg: VQConfig):
 
 def to_torch(params) -> dict:
     """arjax params -> official-named numpy state_dict (for export and round-trip tests)."""
-    return torch_io.export(params, torch_name, INVERSE)
+    return torch_io.export(params, torch_name)

@@ -73,6 +73,22 @@ def identity(w: np.ndarray) -> np.ndarray:
     return w
 
 
+def default_torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, Transform]:
+    """arjax path -> torch key for modules that mirror the torch module tree: `/` -> `.`,
+    Dense/Conv `kernel` -> `weight` (transposed), GroupNorm `scale` / Embed `embedding` ->
+    `weight`."""
+    parts = path.split("/")
+    leaf, transform = parts[-1], identity
+    if leaf == "kernel":
+        leaf, transform = "weight", (conv if len(shape) == 4 else linear)
+    elif leaf in ("scale", "embedding"):
+        leaf = "weight"
+    return ".".join(parts[:-1] + [leaf]), transform
+
+
+INVERSE = {linear: linear, conv: conv_inverse, identity: identity}
+
+
 def convert(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
             name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]],
             ignore: Sequence[str] = ()) -> Any:
@@ -109,7 +125,7 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
 
 
 def export(params: Any, name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]],
-           inverse: Mapping[Transform, Transform]) -> dict[str, np.ndarray]:
+           inverse: Mapping[Transform, Transform] = INVERSE) -> dict[str, np.ndarray]:
     """The inverse of `convert`: arjax params -> torch-named numpy state_dict."""
     import jax
 
