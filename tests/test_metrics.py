@@ -89,3 +89,15 @@ def test_evaluate_cli_writes_json(digits_evaluator, tmp_path, monkeypatch):
     assert out["num_samples"] == 100 and out["class_accuracy"] > 0.9
     with pytest.raises(FileNotFoundError, match="neither"):
         evaluate.main(["--samples", str(tmp_path / "missing.npz")])
+
+
+def test_protocol_presets_and_labels():
+    from arjax.metrics.protocols import PROTOCOLS, eval_labels
+
+    var = PROTOCOLS["var_d16"]
+    assert (var.cfg_scale, var.top_k, var.top_p, var.num_samples) == (1.5, 900, 0.96, 50_000)
+    labels = eval_labels(var)
+    assert np.all(np.bincount(labels, minlength=1000) == 50)
+    assert PROTOCOLS["llamagen_XL"].cfg_scale == 1.75
+    random_labels = eval_labels(PROTOCOLS["llamagen_B"], seed=1)
+    assert len(random_labels) == 50_000 and len(np.unique(random_labels)) == 1000
