@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--weights", default="/tmp/arjax_random_inception.pth")
     args = parser.parse_args(argv)
     _, params = split(inception.FIDInception(rngs=nnx.Rngs(0)))
-    torch.save({k: torch.from_numpy(v) for k, v in
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in
                 torch_io.export(params, torch_io.default_torch_name).items()}, args.weights)
     images = np.random.default_rng(0).integers(0, 256, (args.images, args.size, args.size, 3),
                                                dtype=np.uint8)
