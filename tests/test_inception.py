@@ -35,19 +35,24 @@ def test_key_table_matches_pytorch_fid(abstract):
     assert trainable == 23_850_960  # torchvision inception_v3, no aux head, 1008 classes
 
 
-def test_round_trip_through_torch_file(tmp_path, abstract, monkeypatch):
-    graphdef, shapes = abstract
+def random_state_dict(shapes, seed: int):
+    """Random params (1-D ones around 1, so BN variances stay positive) in torch layout."""
     leaves, tree = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
     params = jax.tree.unflatten(tree, [0.05 * jax.random.normal(k, x.shape) + 1.0 * (
         x.shape == (x.shape[0],)) for k, x in zip(keys, leaves)])
-    sd = {k: torch.from_numpy(v.copy()) for k, v in
-          torch_io.export(params, torch_io.default_torch_name).items()}
+    sd = {k: torch.from_numpy(v.copy())
+          for k, v in torch_io.export(params, torch_io.default_torch_name).items()}
+    return params, sd
+
+
+def test_round_trip_through_torch_file(tmp_path, abstract, monkeypatch):
+    params, sd = random_state_dict(abstract[1], seed=0)
     sd.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(0)
                for k in list(sd) if k.endswith("running_var")})
     torch.save(sd, tmp_path / inception.WEIGHTS_FILE)
     monkeypatch.setenv("ARJAX_CACHE", str(tmp_path))
-    graphdef, loaded = inception.load()
+    _, loaded = inception.load()
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
 
@@ -91,13 +96,7 @@ def test_evaluate_cli_with_inception_and_adm_reference_stats(tmp_path, abstract,
 
     from arjax import evaluate
 
-    _, shapes = abstract
-    leaves, tree = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [0.05 * jax.random.normal(k, x.shape) + 1.0 * (
-        x.shape == (x.shape[0],)) for k, x in zip(keys, leaves)])
-    sd = {k: torch.from_numpy(v.copy())
-          for k, v in torch_io.export(params, torch_io.default_torch_name).items()}
+    _, sd = random_state_dict(abstract[1], seed=1)
     weights = tmp_path / "w.pth"
     torch.save(sd, weights)
     images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
