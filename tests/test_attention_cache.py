@@ -56,3 +56,28 @@ def test_class_token_rope_rows_are_zero():
     rope = bind(graphdef, params).rope
     assert rope.shape == (1 + 9, 8, 2)
     assert np.all(rope[0] == 0) and np.allclose(rope[1, :, 0], 1.0)
+
+
+def test_per_row_positions_and_rollback_equal_full_forward():
+    """Rows at different positions in one call; a rolled-back row overwrites stale entries."""
+    graphdef, params = tiny_gpt()
+    model = bind(graphdef, params)
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, 16)
+    labels = jnp.array([1, 2])
+    full = model(tokens, labels)
+
+    def prev(row, p, t):  # tokens before positions p..p+t-1 (slot 0 is the class)
+        return jnp.stack([tokens[row, max(q - 1, 0)] for q in range(p, p + t)])
+
+    cache = model.init_cache(2)
+    _, cache = model.decode(model.embed(jnp.stack([prev(0, 0, 3), prev(1, 0, 3)]), labels,
+                                        jnp.array([0, 0])), cache, jnp.array([0, 0]))
+    wrong = (jnp.stack([prev(0, 3, 2), prev(1, 3, 2)]) + 7) % 16  # row 0 will be rejected
+    wrong = wrong.at[1].set(prev(1, 3, 2))
+    _, cache = model.decode(model.embed(wrong, labels, jnp.array([3, 3])), cache,
+                            jnp.array([3, 3]))
+    pos = jnp.array([3, 5])  # row 0 rolled back to 3, row 1 advanced to 5
+    logits, _ = model.decode(model.embed(jnp.stack([prev(0, 3, 2), prev(1, 5, 2)]), labels,
+                                         pos), cache, pos)
+    np.testing.assert_allclose(logits[0], full[0, 3:5], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits[1], full[1, 5:7], rtol=1e-4, atol=1e-5)

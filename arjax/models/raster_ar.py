@@ -146,18 +146,25 @@ class RasterAR(nnx.Module):
         """Input embeddings for positions pos..pos+T-1 given the tokens before them.
 
         prev_tokens int [B,T] holds token (p-1) for each position p; at p == 0 the class
-        embedding is used instead (so one code path serves prefill and decode).
+        embedding is used instead (so one code path serves prefill and decode). `pos` is a
+        scalar or int [B] (per-row positions).
         """
-        t = prev_tokens.shape[1]
-        is_cls = (pos + jnp.arange(t) == 0)[None, :, None]
-        tok = self.tok_embeddings(prev_tokens)
-        cls = self.cls_embedding(labels)[:, None]
-        return jnp.where(is_cls, cls, tok)
+        b, t = prev_tokens.shape
+        positions = jnp.asarray(pos)[..., None] + jnp.arange(t)
+        is_cls = jnp.broadcast_to(positions == 0, (b, t))[..., None]
+        return jnp.where(is_cls, self.cls_embedding(labels)[:, None],
+                         self.tok_embeddings(prev_tokens))
 
     def decode(self, x: jax.Array, cache: list[KVCache], pos: jax.Array
                ) -> tuple[jax.Array, list[KVCache]]:
-        """Cached step: input embeddings x [B,T,D] at pos..pos+T-1 -> logits [B,T,V], cache."""
-        rope = jax.lax.dynamic_slice_in_dim(jnp.asarray(self.rope), pos, x.shape[1])
+        """Cached step: input embeddings x [B,T,D] at pos..pos+T-1 -> logits [B,T,V], cache.
+
+        `pos` is a scalar or int [B]; see `Attention.decode`.
+        """
+        table = jnp.asarray(self.rope)
+        pos = jnp.asarray(pos, jnp.int32)
+        slice_at = lambda p: jax.lax.dynamic_slice_in_dim(table, p, x.shape[1])
+        rope = slice_at(pos) if pos.ndim == 0 else jax.vmap(slice_at)(pos)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, layer_cache = layer.decode(x, rope, layer_cache, pos)

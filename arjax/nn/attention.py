@@ -64,14 +64,27 @@ class Attention(nnx.Module):
 
     def decode(self, x: jax.Array, rope: jax.Array, cache: KVCache, pos: jax.Array
                ) -> tuple[jax.Array, KVCache]:
-        """Feeds T tokens at positions pos..pos+T-1 (scalar `pos`), attending to the cache."""
+        """Feeds T tokens at positions pos..pos+T-1, attending to the cache.
+
+        `pos` is a scalar (all rows at the same position: the plain sampler) or int [B] (each
+        row at its own position: speculative decoders roll a row back by lowering its
+        position; entries past it are masked and later overwritten). The caller keeps
+        pos + T <= S.
+        """
         q, k, v = self._qkv(x, rope)
+        pos = jnp.asarray(pos, jnp.int32)
         zero = jnp.zeros((), jnp.int32)
-        idx = (zero, zero, pos.astype(jnp.int32), zero)
-        write = lambda c, new: jax.lax.dynamic_update_slice(
-            c, new.transpose(0, 2, 1, 3).astype(c.dtype), idx)
+
+        def write(c, new):  # c [B,K,S,d], new [B,T,K,d]
+            new = new.transpose(0, 2, 1, 3).astype(c.dtype)
+            if pos.ndim == 0:
+                return jax.lax.dynamic_update_slice(c, new, (zero, zero, pos, zero))
+            return jax.vmap(lambda ci, ni, pi: jax.lax.dynamic_update_slice(
+                ci, ni, (zero, pi, zero)))(c, new, pos)
+
         cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
         t, s = x.shape[1], cache["k"].shape[2]
-        mask = jnp.arange(s)[None, :] <= pos + jnp.arange(t)[:, None]
+        last = pos[..., None, None] + jnp.arange(t)[:, None]  # [T,1] or [B,T,1]
+        mask = jnp.arange(s) <= last
         out = attend(q, cache["k"], cache["v"], mask)
         return self.wo(out.reshape(*x.shape[:2], -1)), cache
