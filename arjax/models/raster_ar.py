@@ -161,7 +161,9 @@ class RasterAR(nnx.Module):
 
         `pos` is a scalar or int [B]; see `Attention.decode`.
         """
-        table = jnp.asarray(self.rope)
+        # Zero rows past the end keep dynamic_slice from clamping (and shifting) the start when
+        # a window reaches beyond the last position (speculative drafts near the end).
+        table = jnp.pad(jnp.asarray(self.rope), ((0, x.shape[1]), (0, 0), (0, 0)))
         pos = jnp.asarray(pos, jnp.int32)
         slice_at = lambda p: jax.lax.dynamic_slice_in_dim(table, p, x.shape[1])
         rope = slice_at(pos) if pos.ndim == 0 else jax.vmap(slice_at)(pos)
