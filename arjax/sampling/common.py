@@ -77,11 +77,14 @@ def cfg_combine(cond: jax.Array, uncond: jax.Array, scale: jax.Array) -> jax.Arr
 
 
 def guided_logits(logits: jax.Array, cfg: SampleConfig, step, num_steps: int) -> jax.Array:
-    """[2B,...] logits of the doubled batch [cond; uncond] -> [B,...] guided logits."""
+    """[2B,V] logits of the doubled batch [cond; uncond] -> [B,V] guided logits.
+
+    `step` is a scalar, or int [B] when rows are at different positions (speculative)."""
     if not cfg.uses_cfg:
         return logits
     cond, uncond = jnp.split(logits, 2, axis=0)
-    return cfg_combine(cond, uncond, cfg_scale_at(cfg, step, num_steps))
+    scale = cfg_scale_at(cfg, step, num_steps)
+    return cfg_combine(cond, uncond, scale[..., None] if scale.ndim else scale)
 
 
 def sample_token(key: jax.Array, logits: jax.Array, cfg: SampleConfig

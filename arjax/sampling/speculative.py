@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from arjax.config import check
 from arjax.models import bind
-from arjax.sampling.common import SampleConfig, cfg_combine, cfg_scale_at, filter_logits
+from arjax.sampling.common import SampleConfig, filter_logits, guided_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +82,7 @@ def sample(target_graphdef, target_params, draft_graphdef, draft_params, key: ja
     def guided_probs(logits, pos):
         """[rows, V] logits at per-row positions `pos` [B] -> the distribution [B, V] that
         the plain sampler would draw from (CFG combined at each row's own position)."""
-        if scfg.uses_cfg:
-            cond, uncond = jnp.split(logits, 2, axis=0)
-            scale = jnp.broadcast_to(cfg_scale_at(scfg, pos, length), pos.shape)
-            logits = cfg_combine(cond, uncond, scale[:, None])
-        return token_probs(logits, scfg)
+        return token_probs(guided_logits(logits, scfg, pos, length), scfg)
 
     def round_(state):
         tokens, n, t_cache, d_cache, r, accepted, rounds = state
