@@ -8,8 +8,9 @@ Sample an official model:  --config imagenet256_B --set gpt_ckpt=/weights/c2i_B_
            --set tokenizer_ckpt=/weights/vq_ds16_c2i.pt --set gpt_train.steps=0
 
 Stages: (1) train the VQ tokenizer (or load the official one), (2) extract codes once (cached
-in the work dir, as LlamaGen's extract_codes_c2i), (3) train the GPT (or load it), (4) sample
-a PNG grid with one row per class. Every stage resumes from its last checkpoint.
+in the work dir, as LlamaGen's extract_codes_c2i), (3) with `--set draft_len=K`, train a small
+draft GPT for lossless speculative sampling, (4) train the GPT (or load it), (5) sample a PNG
+grid with one row per class. Every stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from arjax.images import save_grid, to_uint8
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
 from arjax.optim import OptimConfig, make_optimizer
+from arjax.sampling import speculative
 from arjax.sampling.common import SampleConfig
 from arjax.sampling.raster import sample
+from arjax.sampling.speculative import SpeculativeConfig
 from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
 from arjax.train import fit, init_state, make_train_step
 
@@ -61,6 +64,9 @@ class Config:
     model: RasterARConfig = gpt_config("B")
     gpt_train: StageConfig = StageConfig()
     gpt_ckpt: str | None = None  # official c2i GPT .pt: skips GPT training
+    draft_model: RasterARConfig | None = None  # small GPT for speculative sampling
+    draft_train: StageConfig = StageConfig(steps=0)
+    draft_len: int = 0  # > 0: sample with lossless draft-model speculative decoding (K)
     sample: SampleConfig = SampleConfig(cfg_scale=2.0)
     samples_per_class: int = 8  # for the PNG grid
     eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
@@ -80,6 +86,11 @@ DIGITS = Config(
                          multiple_of=32, dropout=0.0, label_drop=0.1),
     gpt_train=StageConfig(steps=1500, batch_size=64, log_every=100, ckpt_every=500,
                           eval_every=500, optim=OptimConfig(lr=1e-3, warmup_steps=50)),
+    draft_model=RasterARConfig(vocab_size=64, grid=8, num_classes=10, dim=64, depth=2,
+                               heads=2, multiple_of=32, dropout=0.0, label_drop=0.1),
+    draft_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=600,
+                            optim=OptimConfig(lr=1e-3, warmup_steps=50)),
+    draft_len=0,  # --set draft_len=4 samples speculatively (same distribution)
     sample=SampleConfig(cfg_scale=2.0),
     samples_per_class=8,
     eval_samples_per_class=40,
@@ -127,6 +138,15 @@ def validate(cfg: Config, mesh) -> None:
             sharding.check_batch(stage.batch_size, mesh, f"{name}.batch_size")
     check(cfg.tokenizer_ckpt is not None or cfg.tokenizer_train.steps > 0,
           "no tokenizer: set tokenizer_ckpt=/path/vq_ds16_c2i.pt or tokenizer_train.steps > 0")
+    check(cfg.draft_len >= 0, f"draft_len must be >= 0 (0 = plain sampling), got {cfg.draft_len}")
+    if cfg.draft_len:
+        draft = cfg.draft_model
+        check(draft is not None and cfg.draft_train.steps > 0,
+              "draft_len > 0 needs draft_model and draft_train.steps > 0")
+        draft.validate()
+        check((draft.vocab_size, draft.grid, draft.num_classes)
+              == (cfg.model.vocab_size, cfg.model.grid, cfg.model.num_classes),
+              "draft_model must share vocab_size, grid and num_classes with model")
     check(cfg.gpt_ckpt is not None or cfg.gpt_train.steps > 0,
           "no GPT: set gpt_ckpt=/path/c2i_B_256.pt or gpt_train.steps > 0")
     for path in (cfg.tokenizer_ckpt, cfg.gpt_ckpt):
@@ -196,12 +216,18 @@ def extract_codes(vq_graphdef, vq_params, source, batch: int, cache_path: str | 
     return CodesSource(codes, labels, source.num_classes)
 
 
-def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleConfig):
+def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleConfig,
+                   draft=None, draft_len: int = 0):
     """labels -> (images uint8, tokens, stats): the jitted sampler (labels and tokens sharded
-    over the batch, params as they are) followed by the tokenizer's decoder."""
+    over the batch, params as they are) followed by the tokenizer's decoder. With a `draft`
+    (graphdef, params) and draft_len > 0 the sampler is lossless speculative decoding."""
     batch = sharding.batch_sharding(mesh)
-    sampler = jax.jit(lambda p, k, y: sample(graphdef, p, k, y, sample_cfg),
-                      out_shardings=(batch, sharding.replicated(mesh)))
+    if draft_len:
+        spec = SpeculativeConfig(draft_len=draft_len, sample=sample_cfg)
+        fn = lambda p, k, y: speculative.sample(graphdef, p, *draft, k, y, spec)
+    else:
+        fn = lambda p, k, y: sample(graphdef, p, k, y, sample_cfg)
+    sampler = jax.jit(fn, out_shardings=(batch, sharding.replicated(mesh)))
     decode = jax.jit(lambda p, c: bind(vq_graphdef, p).decode(c))
 
     def generate(params, labels: np.ndarray, key):
@@ -210,8 +236,11 @@ def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleCon
         jax.block_until_ready(tokens)
         seconds = time.perf_counter() - t0
         images = to_uint8(np.asarray(decode(vq_params, tokens)))
-        return images, np.asarray(tokens), {"seconds": seconds,
-                                            "forward_passes": int(stats.forward_passes)}
+        info = {"seconds": seconds, "forward_passes": int(stats.forward_passes)}
+        if draft_len:
+            info["mean_accepted_per_round"] = float(np.mean(
+                np.asarray(stats.accepted) / np.maximum(np.asarray(stats.rounds), 1)))
+        return images, np.asarray(tokens), info
 
     return generate
 
@@ -248,9 +277,17 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     cache = (lambda split_: f"{workdir}/codes_{split_}.npz") if workdir else (lambda _: None)
     codes = extract_codes(vq_graphdef, vq_params, train_source, cfg.encode_batch, cache("train"))
 
+    draft = None
+    if cfg.draft_len:
+        draft_fn = lambda: RasterAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2))
+        draft_graphdef, draft_params, _ = train_stage("draft", draft_fn, gpt_loss,
+                                                      cfg.draft_train, codes, cfg, mesh,
+                                                      workdir, progress)
+        draft = (draft_graphdef, draft_params)
     gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(gpt_fn))[0]
-    generate = make_generator(graphdef, vq_graphdef, vq_params, mesh, cfg.sample)
+    generate = make_generator(graphdef, vq_graphdef, vq_params, mesh, cfg.sample, draft,
+                              cfg.draft_len)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
         from arjax.evaluate import evaluate_digits
@@ -292,6 +329,8 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     summary["sample/seconds"] = stats["seconds"]
     summary["sample/images"] = len(labels)
     summary["sample/forward_passes"] = stats["forward_passes"]
+    if cfg.draft_len:
+        summary["sample/mean_accepted_per_round"] = stats["mean_accepted_per_round"]
     if workdir:
         grid = save_grid(f"{workdir}/samples.png", images, cfg.samples_per_class,
                          scale=max(1, 128 // cfg.data.image_size))

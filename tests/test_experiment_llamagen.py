@@ -35,6 +35,8 @@ def no_compilation(monkeypatch):
     (["model.vocab_size=128"], ConfigError, "codebook_size"),
     (["data.name=imagenet2012", "data.image_size=32"], DataError, "manual download dir"),
     (["gpt_ckpt=/nonexistent/c2i_B_256.pt"], ConfigError, "does not exist"),
+    (["draft_len=-1"], ConfigError, "draft_len"),
+    (["draft_len=2", "draft_model.grid=4"], ConfigError, "draft_model must share"),
 ])
 def test_bad_input_fails_before_compilation(overrides, error, match, no_compilation, tmp_path):
     cfg = override(SMOKE, overrides)
@@ -66,3 +68,13 @@ def test_digits_smoke_run_on_8_devices_then_resume(tmp_path):
     logs = [json.loads(line) for line in open(tmp_path / "gpt/tb/metrics.jsonl")]
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in logs if "eval/fid_digits" in r] == [3, 4]  # at each stage end
+
+
+def test_digits_speculative_sampling_option(tmp_path):
+    cfg = override(SMOKE, ["draft_len=3", "draft_train.steps=2", "draft_train.batch_size=16",
+                           "draft_train.log_every=1", "eval_samples_per_class=0"])
+    summary = exp.run(cfg, str(tmp_path), progress=False)
+    assert summary["images"].shape == (80, 32, 32, 3)
+    assert os.path.exists(tmp_path / "draft" / "ckpt" / "2")
+    assert summary["sample/forward_passes"] <= 64
+    assert 0 <= summary["sample/mean_accepted_per_round"] <= 3
