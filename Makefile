@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check arjax experiments tests benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -x
+	$(PY) -m pytest -q -x --durations=10
 
 test-all: $(STAMP) lint
 	$(PY) -m pytest -q -m "slow or not slow"

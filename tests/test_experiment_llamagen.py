@@ -70,6 +70,7 @@ def test_digits_smoke_run_on_8_devices_then_resume(tmp_path):
     assert [r["step"] for r in logs if "eval/fid_digits" in r] == [3, 4]  # at each stage end
 
 
+@pytest.mark.slow  # the sampler itself is covered by tests/test_speculative.py
 def test_digits_speculative_sampling_option(tmp_path):
     cfg = override(SMOKE, ["draft_len=3", "draft_train.steps=2", "draft_train.batch_size=16",
                            "draft_train.log_every=1", "eval_samples_per_class=0"])
