@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -16,9 +18,9 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def to_float(images) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]."""
-    return np.asarray(images, np.float32) / 127.5 - 1.0
+def to_float(images) -> jax.Array:
+    """uint8 -> float32 in [-1, 1]; traceable, so jitted steps and evaluators share it."""
+    return jnp.asarray(images).astype(jnp.float32) / 127.5 - 1.0
 
 
 def grid(images, nrow: int, pad: int = 2) -> np.ndarray:

@@ -33,7 +33,7 @@ from arjax import config as cfglib
 from arjax import sharding
 from arjax.data import Batches, DataConfig, open_source
 from arjax.data.sources import ArraySource
-from arjax.images import save_grid, to_uint8
+from arjax.images import save_grid, to_float, to_uint8
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
 from arjax.optim import OptimConfig, make_optimizer
@@ -159,7 +159,7 @@ def validate(cfg: Config, mesh) -> None:
 
 
 def tokenizer_loss(model: VQTokenizer, batch, key):
-    images = to_float_jnp(batch["image"])
+    images = to_float(batch["image"])
     recon, aux = model(images)
     mse = jnp.mean((recon - images) ** 2)
     loss = mse + aux["codebook"] + aux["commit"] + aux["entropy"]
@@ -171,10 +171,6 @@ def gpt_loss(model: RasterAR, batch, key):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["codes"]).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["codes"])
     return ce, {"accuracy": acc}
-
-
-def to_float_jnp(images: jax.Array) -> jax.Array:
-    return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, cfg: Config, mesh,
@@ -204,7 +200,7 @@ def extract_codes(vq_graphdef, vq_params, source, batch: int, cache_path: str | 
     if cache_path and os.path.exists(cache_path):
         data = np.load(cache_path)
         return CodesSource(data["codes"], data["label"], source.num_classes)
-    encode = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float_jnp(x)))
+    encode = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float(x)))
     codes, labels = [], []
     for start in tqdm(range(0, source.num_examples, batch), desc="extract codes"):
         rows = source[np.arange(start, min(start + batch, source.num_examples))]

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from arjax.data.sources import digits
+from arjax.images import to_float
 from arjax.models import bind, split
 from arjax.sharding import path_str
 
@@ -48,7 +49,7 @@ class DigitsCNN(nnx.Module):
 def _to_input(images) -> jax.Array:
     images = jnp.asarray(images)
     if images.dtype == jnp.uint8:
-        images = images.astype(jnp.float32) / 127.5 - 1.0
+        images = to_float(images)
     if images.shape[1:3] != (32, 32):
         images = jax.image.resize(images, (images.shape[0], 32, 32, images.shape[3]), "linear")
     if images.shape[-1] == 1:
