@@ -8,9 +8,16 @@ Sample an official model:  --config imagenet256_B --set gpt_ckpt=/weights/c2i_B_
            --set tokenizer_ckpt=/weights/vq_ds16_c2i.pt --set gpt_train.steps=0
 
 Stages: (1) train the VQ tokenizer (or load the official one), (2) extract codes once (cached
-in the work dir, as LlamaGen's extract_codes_c2i), (3) with `--set draft_len=K`, train a small
-draft GPT for lossless speculative sampling, (4) train the GPT (or load it), (5) sample a PNG
-grid with one row per class. Every stage resumes from its last checkpoint.
+in the work dir, as LlamaGen's extract_codes_c2i), (3) when sampling speculatively with a draft
+model, train the small draft GPT, (4) train the GPT (or load it), (5) sample a PNG grid with one
+row per class. Every stage resumes from its last checkpoint.
+
+Speculative / parallel decoding (see arjax/sampling/speculative.py), e.g. on digits:
+    --set speculative.draft_len=4                                  SD with the draft GPT
+    --set speculative.draft_len=4 --set speculative.num_drafts=3   SpecTr
+    --set speculative.draft_len=8 --set speculative.drafter=jacobi SJD
+    ... --set speculative.drafter=jacobi --set speculative.accept=group     GSD
+    ... --set speculative.accept=relaxed --set speculative.delta=0.1       LANTERN
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ class Config:
     gpt_ckpt: str | None = None  # official c2i GPT .pt: skips GPT training
     draft_model: RasterARConfig | None = None  # small GPT for speculative sampling
     draft_train: StageConfig = StageConfig(steps=0)
-    draft_len: int = 0  # > 0: sample with lossless draft-model speculative decoding (K)
+    speculative: SpeculativeConfig = SpeculativeConfig(draft_len=0)  # draft_len 0 = plain
     sample: SampleConfig = SampleConfig(cfg_scale=2.0)
     samples_per_class: int = 8  # for the PNG grid
     eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
@@ -90,7 +97,6 @@ DIGITS = Config(
                                heads=2, multiple_of=32, dropout=0.0, label_drop=0.1),
     draft_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=600,
                             optim=OptimConfig(lr=1e-3, warmup_steps=50)),
-    draft_len=0,  # --set draft_len=4 samples speculatively (same distribution)
     sample=SampleConfig(cfg_scale=2.0),
     samples_per_class=8,
     eval_samples_per_class=40,
@@ -138,11 +144,15 @@ def validate(cfg: Config, mesh) -> None:
             sharding.check_batch(stage.batch_size, mesh, f"{name}.batch_size")
     check(cfg.tokenizer_ckpt is not None or cfg.tokenizer_train.steps > 0,
           "no tokenizer: set tokenizer_ckpt=/path/vq_ds16_c2i.pt or tokenizer_train.steps > 0")
-    check(cfg.draft_len >= 0, f"draft_len must be >= 0 (0 = plain sampling), got {cfg.draft_len}")
-    if cfg.draft_len:
+    spec = cfg.speculative
+    check(spec.draft_len >= 0,
+          f"speculative.draft_len must be >= 0 (0 = plain sampling), got {spec.draft_len}")
+    if spec.draft_len:
+        spec.validate()
+    if uses_draft_model(cfg):
         draft = cfg.draft_model
         check(draft is not None and cfg.draft_train.steps > 0,
-              "draft_len > 0 needs draft_model and draft_train.steps > 0")
+              "speculative.drafter='model' needs draft_model and draft_train.steps > 0")
         draft.validate()
         check((draft.vocab_size, draft.grid, draft.num_classes)
               == (cfg.model.vocab_size, cfg.model.grid, cfg.model.num_classes),
@@ -212,15 +222,22 @@ def extract_codes(vq_graphdef, vq_params, source, batch: int, cache_path: str | 
     return CodesSource(codes, labels, source.num_classes)
 
 
+def uses_draft_model(cfg: Config) -> bool:
+    return cfg.speculative.draft_len > 0 and cfg.speculative.drafter == "model"
+
+
 def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleConfig,
-                   draft=None, draft_len: int = 0):
+                   spec: SpeculativeConfig | None = None, draft=None):
     """labels -> (images uint8, tokens, stats): the jitted sampler (labels and tokens sharded
-    over the batch, params as they are) followed by the tokenizer's decoder. With a `draft`
-    (graphdef, params) and draft_len > 0 the sampler is lossless speculative decoding."""
+    over the batch, params as they are) followed by the tokenizer's decoder. With `spec`
+    (draft_len > 0) it decodes speculatively, with `draft` = (graphdef, params) as the draft
+    model and the tokenizer's code vectors for the relaxed/grouped rules."""
     batch = sharding.batch_sharding(mesh)
-    if draft_len:
-        spec = SpeculativeConfig(draft_len=draft_len, sample=sample_cfg)
-        fn = lambda p, k, y: speculative.sample(graphdef, p, *draft, k, y, spec)
+    speculate = spec is not None and spec.draft_len > 0
+    if speculate:
+        codes = bind(vq_graphdef, vq_params).quantize.codebook()
+        fn = lambda p, k, y: speculative.sample(graphdef, p, k, y, sample_cfg, spec, draft,
+                                                codes)
     else:
         fn = lambda p, k, y: sample(graphdef, p, k, y, sample_cfg)
     sampler = jax.jit(fn, out_shardings=(batch, sharding.replicated(mesh)))
@@ -233,9 +250,12 @@ def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleCon
         seconds = time.perf_counter() - t0
         images = to_uint8(np.asarray(decode(vq_params, tokens)))
         info = {"seconds": seconds, "forward_passes": int(stats.forward_passes)}
-        if draft_len:
-            info["mean_accepted_per_round"] = float(np.mean(
-                np.asarray(stats.accepted) / np.maximum(np.asarray(stats.rounds), 1)))
+        if speculate:
+            rounds = np.maximum(np.asarray(stats.rounds), 1)
+            info["mean_accepted_per_round"] = float(np.mean(np.asarray(stats.accepted) / rounds))
+            info["first_draft_acceptance"] = float(np.mean(np.asarray(stats.first_accepted)
+                                                           / rounds))
+            info["draft_passes"] = int(stats.draft_passes)
         return images, np.asarray(tokens), info
 
     return generate
@@ -274,7 +294,7 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     codes = extract_codes(vq_graphdef, vq_params, train_source, cfg.encode_batch, cache("train"))
 
     draft = None
-    if cfg.draft_len:
+    if uses_draft_model(cfg):
         draft_fn = lambda: RasterAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2))
         draft_graphdef, draft_params, _ = train_stage("draft", draft_fn, gpt_loss,
                                                       cfg.draft_train, codes, cfg, mesh,
@@ -282,8 +302,8 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         draft = (draft_graphdef, draft_params)
     gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(gpt_fn))[0]
-    generate = make_generator(graphdef, vq_graphdef, vq_params, mesh, cfg.sample, draft,
-                              cfg.draft_len)
+    generate = make_generator(graphdef, vq_graphdef, vq_params, mesh, cfg.sample,
+                              cfg.speculative, draft)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
         from arjax.evaluate import evaluate_digits
@@ -325,8 +345,9 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     summary["sample/seconds"] = stats["seconds"]
     summary["sample/images"] = len(labels)
     summary["sample/forward_passes"] = stats["forward_passes"]
-    if cfg.draft_len:
-        summary["sample/mean_accepted_per_round"] = stats["mean_accepted_per_round"]
+    for key in ("mean_accepted_per_round", "first_draft_acceptance", "draft_passes"):
+        if key in stats:
+            summary[f"sample/{key}"] = stats[key]
     if workdir:
         grid = save_grid(f"{workdir}/samples.png", images, cfg.samples_per_class,
                          scale=max(1, 128 // cfg.data.image_size))

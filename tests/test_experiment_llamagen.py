@@ -35,8 +35,9 @@ def no_compilation(monkeypatch):
     (["model.vocab_size=128"], ConfigError, "codebook_size"),
     (["data.name=imagenet2012", "data.image_size=32"], DataError, "manual download dir"),
     (["gpt_ckpt=/nonexistent/c2i_B_256.pt"], ConfigError, "does not exist"),
-    (["draft_len=-1"], ConfigError, "draft_len"),
-    (["draft_len=2", "draft_model.grid=4"], ConfigError, "draft_model must share"),
+    (["speculative.draft_len=-1"], ConfigError, "draft_len"),
+    (["speculative.draft_len=2", "draft_model.grid=4"], ConfigError, "draft_model must share"),
+    (["speculative.draft_len=2", "speculative.accept=fast"], ConfigError, "accept"),
 ])
 def test_bad_input_fails_before_compilation(overrides, error, match, no_compilation, tmp_path):
     cfg = override(SMOKE, overrides)
@@ -72,10 +73,15 @@ def test_digits_smoke_run_on_8_devices_then_resume(tmp_path):
 
 @pytest.mark.slow  # the sampler itself is covered by tests/test_speculative.py
 def test_digits_speculative_sampling_option(tmp_path):
-    cfg = override(SMOKE, ["draft_len=3", "draft_train.steps=2", "draft_train.batch_size=16",
-                           "draft_train.log_every=1", "eval_samples_per_class=0"])
+    cfg = override(SMOKE, ["speculative.draft_len=3", "draft_train.steps=2",
+                           "draft_train.batch_size=16", "draft_train.log_every=1",
+                           "eval_samples_per_class=0"])
     summary = exp.run(cfg, str(tmp_path), progress=False)
     assert summary["images"].shape == (80, 32, 32, 3)
     assert os.path.exists(tmp_path / "draft" / "ckpt" / "2")
     assert summary["sample/forward_passes"] <= 64
     assert 0 <= summary["sample/mean_accepted_per_round"] <= 3
+    for method in (["speculative.num_drafts=2"], ["speculative.accept=relaxed"],
+                   ["speculative.drafter=jacobi", "speculative.accept=group"]):
+        summary = exp.run(override(cfg, method), str(tmp_path), progress=False)
+        assert summary["sample/forward_passes"] <= 64, method

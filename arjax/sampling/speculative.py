@@ -1,17 +1,23 @@
-"""Lossless speculative sampling for raster AR models with a small draft model.
+"""Speculative and parallel decoding for raster AR models: one core, pluggable drafts and rules.
 
-Each round, per row: the draft proposes K tokens (K+1 cached steps, the last only to keep the
-draft's cache complete), the target scores all K+1 positions in one cached call, token i is
-accepted with probability min(1, p_i(d_i) / q_i(d_i)), and at the first rejection (or after K
-acceptances) one token is drawn from norm(max(p - q, 0)) -- with q := 0 after the last draft, the
-same formula gives the bonus token from p. The output distribution is exactly the target's
-(Leviathan et al. 2023; Chen et al. 2023).
+Each round, every row proposes K drafts (or k chains of K), the target scores the window
+[last committed token, drafts] in one cached call, the verifier keeps the longest accepted
+prefix and draws one correction token (or a bonus token when all K are accepted), and the
+drafter refreshes. The methods of the literature are combinations:
 
-Every row advances by its own accepted length: positions are per row (int [B]) in both KV
-caches, so a rejection is a rollback of a counter; stale cache entries are masked and later
-overwritten. CFG doubles the batch to [cond; null] for both models; the same drafts are verified
-for both halves, and p and q are the guided, filtered (temperature/top-k/top-p) distributions.
-One `lax.while_loop`; static shapes; buffers sized L + K + 1.
+    method   drafter   accept    num_drafts   lossless
+    SD       model     exact     1            yes   (Leviathan et al.; Chen et al. 2023)
+    SpecTr   model     exact     k > 1        yes   (K-SEQ over k i.i.d. chains; Sun et al.)
+    SJD      jacobi    exact     1            yes   (Teng et al. 2025)
+    GSD      jacobi    group     1            no    (So et al. 2025)
+    LANTERN  model     relaxed   1            no, TV <= delta per step (Jang et al. 2025)
+
+Static shapes throughout: a fixed window, per-row positions in the KV caches (a rejection
+only lowers the row's length; stale entries are masked, then overwritten), one
+`lax.while_loop`, no host round-trips. Rows advance by their own accepted lengths (no batch
+minimum, which makes the official SJD inexact for batch > 1). CFG doubles the batch to
+[cond; null]; both halves score the same drafts and p, q are the guided, filtered
+(temperature/top-k/top-p) distributions the plain sampler draws from.
 """
 
 from __future__ import annotations
@@ -24,24 +30,56 @@ import jax.numpy as jnp
 
 from arjax.config import check
 from arjax.models import bind
+from arjax.sampling import multidraft
+from arjax.sampling.acceptance import Exact, Grouped, Relaxed, nearest_codes
 from arjax.sampling.common import SampleConfig, filter_logits, guided_logits
+from arjax.sampling.drafters import JACOBI_INITS, JacobiDrafter, ModelDrafter, select_chain
+
+DRAFTERS = ("model", "jacobi")
+RULES = ("exact", "group", "relaxed")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    draft_len: int = 4  # K
-    sample: SampleConfig = SampleConfig()
+    drafter: str = "model"  # "model": a small draft GPT; "jacobi": the target's own samples
+    accept: str = "exact"  # "exact" (lossless), "group" (GSD), "relaxed" (LANTERN)
+    draft_len: int = 4  # K drafts per window (the target scores K + 1 positions)
+    num_drafts: int = 1  # k > 1: SpecTr, k i.i.d. draft chains verified by K-SEQ
+    init: str = "uniform"  # jacobi: fresh slots (see JacobiDrafter)
+    group_window: int = 6  # group: rank neighbours on each side of the draft
+    group_p: float = 0.15  # group: max |p(y) - p(x)| inside a group
+    group_dist: float = 0.5  # group: max squared code distance inside a group
+    delta: float = 0.1  # relaxed: total-variation budget per step
+    neighbours: int = 1000  # relaxed: latent neighbours considered per code
 
-    def validate(self, vocab_size: int) -> None:
+    def validate(self) -> None:
+        check(self.drafter in DRAFTERS, f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        check(self.accept in RULES, f"accept must be one of {RULES}, got {self.accept!r}")
         check(self.draft_len >= 1, f"draft_len must be >= 1, got {self.draft_len}")
-        self.sample.validate(vocab_size)
+        check(self.num_drafts >= 1, f"num_drafts must be >= 1, got {self.num_drafts}")
+        check(self.num_drafts == 1 or (self.drafter == "model" and self.accept == "exact"),
+              "num_drafts > 1 (SpecTr) needs drafter='model' and accept='exact'")
+        check(self.init in JACOBI_INITS, f"init must be one of {JACOBI_INITS}, got {self.init!r}")
+        check(self.group_window >= 0, f"group_window must be >= 0, got {self.group_window}")
+        check(0 <= self.delta <= 1, f"delta must be in [0, 1], got {self.delta}")
+        check(self.neighbours >= 1, f"neighbours must be >= 1, got {self.neighbours}")
+
+    @property
+    def method(self) -> str:
+        """The literature's name for this combination (for logs and plots)."""
+        if self.num_drafts > 1:
+            return "spectr"
+        return {("model", "exact"): "sd", ("jacobi", "exact"): "sjd",
+                ("jacobi", "group"): "gsd", ("model", "relaxed"): "lantern"}.get(
+            (self.drafter, self.accept), f"{self.drafter}+{self.accept}")
 
 
 class SpeculativeStats(NamedTuple):
     forward_passes: jax.Array  # int32: target calls (verification rounds)
-    draft_passes: jax.Array  # int32: draft model calls
-    accepted: jax.Array  # int32 [B]: draft tokens accepted per row
+    draft_passes: jax.Array  # int32: draft model calls (0 for jacobi)
+    accepted: jax.Array  # int32 [B]: drafts accepted per row
     rounds: jax.Array  # int32 [B]: rounds in which the row was still generating
+    first_accepted: jax.Array  # int32 [B]: rounds whose first draft was accepted
 
 
 def token_probs(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
@@ -51,7 +89,7 @@ def token_probs(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), -1)
 
 
-def _sample(key, probs):
+def _categorical(key, probs):
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
@@ -60,79 +98,142 @@ def _take(x, idx):
     return jnp.take_along_axis(x, idx.reshape(-1, 1, *([1] * (x.ndim - 2))), axis=1)[:, 0]
 
 
-def sample(target_graphdef, target_params, draft_graphdef, draft_params, key: jax.Array,
-           labels: jax.Array, cfg: SpeculativeConfig) -> tuple[jax.Array, SpeculativeStats]:
-    """Samples int32 tokens [B, L] distributed exactly as the target's plain sampler."""
-    target, draft = bind(target_graphdef, target_params), bind(draft_graphdef, draft_params)
-    length, vocab, k = target.cfg.seq_len, target.cfg.vocab_size, cfg.draft_len
-    check(draft.cfg.vocab_size == vocab and draft.cfg.seq_len == length,
-          "draft and target must share vocab_size and grid")
-    cfg.validate(vocab)
-    scfg, batch = cfg.sample, labels.shape[0]
-    labels = labels.astype(jnp.int32)
-    if scfg.uses_cfg:
-        t_labels = jnp.concatenate([labels, jnp.full_like(labels, target.cfg.num_classes)])
-        d_labels = jnp.concatenate([labels, jnp.full_like(labels, draft.cfg.num_classes)])
-    else:
-        t_labels = d_labels = labels
-    rows = t_labels.shape[0]
-    double = lambda x: jnp.concatenate([x] * (rows // batch), axis=0)
-    width = length + k + 1  # room for a full window at the last position
+def _nonempty(residual, fallback):
+    """A residual of zero mass (p == q, measure zero) falls back to p."""
+    return jnp.where(residual.sum(-1, keepdims=True) > 0, residual, fallback)
 
-    def guided_probs(logits, pos):
-        """[rows, V] logits at per-row positions `pos` [B] -> the distribution [B, V] that
-        the plain sampler would draw from (CFG combined at each row's own position)."""
+
+def make_rule(cfg: SpeculativeConfig, codes: jax.Array | None):
+    if cfg.accept == "group":
+        return Grouped(cfg.group_window, cfg.group_p, cfg.group_dist, codes)
+    if cfg.accept == "relaxed":
+        return Relaxed(nearest_codes(codes, cfg.neighbours), cfg.delta)
+    return Exact()
+
+
+def verify_chain(rule, ps, qs, drafts, key):
+    """One chain: ps [B, K+1, V], qs [B, K, V], drafts [B, K] -> (accepted m [B], token [B])."""
+    batch, K = drafts.shape
+    a = rule.accept(ps[:, :K], qs, drafts)
+    k_u, k_y = jax.random.split(key)
+    ok = jax.random.uniform(k_u, (batch, K)) < a
+    m = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
+    j = jnp.minimum(m, K - 1)
+    p_m = _take(ps, m)
+    residual = jnp.where((m < K)[:, None], rule.residual(p_m, _take(qs, j), _take(drafts, j)),
+                         p_m)  # after K acceptances: the bonus token from p
+    return m, _categorical(k_y, _nonempty(residual, p_m))
+
+
+def verify_chains(ps, qs, drafts, key):
+    """SpecTr: k chains, ps [B, k, K+1, V], qs [B, k, K, V], drafts [B, k, K] ->
+    (accepted m [B], token [B], chain [B]). At each depth K-SEQ selects among the chains
+    still sharing the accepted prefix (i.i.d. given it); its residual ends the round."""
+    batch, k, K = drafts.shape
+
+    def depth(carry, t):
+        alive, surv, m, y = carry
+        lead = jnp.argmax(surv, axis=1)  # survivors share the prefix, hence p and q rows
+        p = _take(ps[:, :, t], lead)
+        q = _take(qs[:, :, t], lead)
+        count = jnp.sum(surv, axis=1).astype(jnp.float32)
+        rho = multidraft.optimal_rho(p, q, count)
+        k_u, k_y = jax.random.split(jax.random.fold_in(key, t))
+        a = multidraft.kseq_accept_probs(p, q, drafts[:, :, t], rho)
+        ok = surv & (jax.random.uniform(k_u, (batch, k)) < a)
+        hit = jnp.any(ok, axis=1)
+        x = _take(drafts[:, :, t], jnp.argmax(ok, axis=1))
+        residual = _nonempty(multidraft.kseq_residual(p, q, count, rho), p)
+        y = jnp.where(alive & ~hit, _categorical(k_y, residual), y)
+        m = jnp.where(alive & hit, t + 1, m)
+        surv = jnp.where((alive & hit)[:, None], surv & (drafts[:, :, t] == x[:, None]), surv)
+        return (alive & hit, surv, m, y), None
+
+    zeros = jnp.zeros((batch,), jnp.int32)
+    (alive, surv, m, y), _ = jax.lax.scan(
+        depth, (jnp.ones((batch,), bool), jnp.ones((batch, k), bool), zeros, zeros),
+        jnp.arange(K))
+    chain = jnp.argmax(surv, axis=1).astype(jnp.int32)
+    bonus = _categorical(jax.random.fold_in(key, K), _take(ps[:, :, K], chain))
+    return m, jnp.where(alive, bonus, y), chain
+
+
+def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConfig,
+           cfg: SpeculativeConfig, draft=None, codes: jax.Array | None = None
+           ) -> tuple[jax.Array, SpeculativeStats]:
+    """Samples int32 tokens [B, L]; for lossless methods exactly the distribution of
+    `raster.sample(graphdef, params, key, labels, scfg)`. `draft` = (graphdef, params) of the
+    draft GPT (drafter="model"); `codes` [V, D] are the tokenizer's code vectors
+    (accept="relaxed", optional for "group")."""
+    target = bind(graphdef, params)
+    length, vocab, grid = target.cfg.seq_len, target.cfg.vocab_size, target.cfg.grid
+    scfg.validate(vocab)
+    cfg.validate()
+    check(cfg.drafter != "model" or draft is not None, "drafter='model' needs a draft model")
+    check(cfg.accept != "relaxed" or codes is not None,
+          "accept='relaxed' (LANTERN) needs the tokenizer's code vectors (codes=...)")
+    check(codes is None or codes.shape[0] == vocab,
+          f"codes must have one row per token ({vocab}), got {codes is not None and codes.shape}")
+    batch, k, K = labels.shape[0], cfg.num_drafts, cfg.draft_len
+    labels = jnp.repeat(labels.astype(jnp.int32), k)  # b-major chains
+    with_null = lambda y, null: (jnp.concatenate([y, jnp.full_like(y, null)])
+                                 if scfg.uses_cfg else y)
+    t_labels = with_null(labels, target.cfg.num_classes)
+    rows = t_labels.shape[0]
+    double = lambda x: jnp.concatenate([x] * (rows // (batch * k)), axis=0)
+    width = length + K + 1  # room for a full window at the last position
+
+    def guide(logits, pos):
+        """[rows, V] logits at per-chain positions [B*k] -> the plain sampler's [B*k, V]."""
         return token_probs(guided_logits(logits, scfg, pos, length), scfg)
 
+    if cfg.drafter == "model":
+        model = bind(*draft)
+        check(model.cfg.vocab_size == vocab and model.cfg.seq_len == length,
+              "draft and target must share vocab_size and grid")
+        drafter = ModelDrafter(model, with_null(labels, model.cfg.num_classes), guide, K, k)
+    else:
+        drafter = JacobiDrafter(vocab, grid, K, cfg.init)
+    rule = make_rule(cfg, codes)
+
+    key_init, key_loop = jax.random.split(key)
+
     def round_(state):
-        tokens, n, t_cache, d_cache, r, accepted, rounds = state
-        key_r = jax.random.fold_in(key, r)
-        prev0 = _take(tokens, jnp.maximum(n - 1, 0))
-
-        def draft_step(i, carry):
-            d_cache, prev, drafts, qs = carry
-            pos = n + i
-            x = draft.embed(double(prev[:, None]), d_labels, double(pos))
-            logits, d_cache = draft.decode(x, d_cache, double(pos))
-            q = guided_probs(logits[:, 0], pos)
-            tok = _sample(jax.random.fold_in(jax.random.fold_in(key_r, 1), i), q)
-            drafts = jax.lax.dynamic_update_slice_in_dim(drafts, tok[:, None], i, axis=1)
-            qs = jax.lax.dynamic_update_slice_in_dim(qs, q[:, None], i, axis=1)
-            return d_cache, tok, drafts, qs
-
-        drafts = jnp.zeros((batch, k + 1), jnp.int32)
-        qs = jnp.zeros((batch, k + 1, vocab), jnp.float32)
-        d_cache, _, drafts, qs = jax.lax.fori_loop(0, k + 1, draft_step,
-                                                   (d_cache, prev0, drafts, qs))
-        qs = qs.at[:, k].set(0.0)  # no draft after the K-th: the residual is then p itself
-
-        inputs = jnp.concatenate([prev0[:, None], drafts[:, :k]], axis=1)  # [B, K+1]
-        x = target.embed(double(inputs), t_labels, double(n))
-        logits, t_cache = target.decode(x, t_cache, double(n))
-        window = n[:, None] + jnp.arange(k + 1)
-        ps = jax.vmap(guided_probs, in_axes=(1, 1), out_axes=1)(logits, window)
-
-        p_d = jnp.take_along_axis(ps[:, :k], drafts[:, :k, None], -1)[..., 0]
-        q_d = jnp.take_along_axis(qs[:, :k], drafts[:, :k, None], -1)[..., 0]
-        u = jax.random.uniform(jax.random.fold_in(key_r, 2), (batch, k))
-        ok = u * q_d < p_d  # u < p/q without dividing
-        m = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # leading acceptances, 0..K
-        residual = jnp.maximum(_take(ps, m) - _take(qs, m), 0.0)
-        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, _take(ps, m))
-        fix = _sample(jax.random.fold_in(key_r, 3), residual)
-        new = jnp.where(jnp.arange(k + 1) < m[:, None], drafts,
-                        jnp.where(jnp.arange(k + 1) == m[:, None], fix[:, None], 0))
+        tokens, n, t_cache, d_state, r, accepted, rounds, first = state
+        k_draft, k_verify, k_refresh = jax.random.split(jax.random.fold_in(key_loop, r), 3)
+        prev = _take(tokens, jnp.maximum(n - 1, 0))  # at n == 0 the class embedding is used
+        d_state, drafts, qs = drafter.propose(d_state, prev, n, k_draft)
+        pos = jnp.repeat(n, k)
+        inputs = jnp.concatenate([jnp.repeat(prev, k)[:, None], drafts.reshape(-1, K)], 1)
+        logits, t_cache = target.decode(target.embed(double(inputs), t_labels, double(pos)),
+                                        t_cache, double(pos))
+        window = pos[:, None] + jnp.arange(K + 1)
+        ps = jax.vmap(guide, in_axes=(1, 1), out_axes=1)(logits, window)
+        ps = ps.reshape(batch, k, K + 1, vocab)
+        if k == 1:
+            m, y = verify_chain(rule, ps[:, 0], qs[:, 0], drafts[:, 0], k_verify)
+            chain = jnp.zeros((batch,), jnp.int32)
+        else:
+            m, y, chain = verify_chains(ps, qs, drafts, k_verify)
+            t_cache = select_chain(t_cache, chain, batch, k)
+        slots = jnp.arange(K + 1)
+        new = jnp.where(slots < m[:, None], jnp.pad(_take(drafts, chain), ((0, 0), (0, 1))),
+                        jnp.where(slots == m[:, None], y[:, None], 0))
         active = n < length
         tokens = jax.vmap(lambda row, w, p: jax.lax.dynamic_update_slice(row, w, (p,)))(
             tokens, new, jnp.where(active, n, length))  # finished rows write into padding
         n = jnp.where(active, n + m + 1, n)
-        return (tokens, n, t_cache, d_cache, r + 1, accepted + jnp.where(active, m, 0),
-                rounds + active)
+        d_state = drafter.update(d_state, chain=chain, tokens=tokens, n=n, accepted=m,
+                                 probs=_take(ps, chain), key=k_refresh)
+        return (tokens, n, t_cache, d_state, r + 1, accepted + jnp.where(active, m, 0),
+                rounds + active, first + (active & (m > 0)))
 
     zeros = jnp.zeros((batch,), jnp.int32)
     init = (jnp.zeros((batch, width), jnp.int32), zeros, target.init_cache(rows, width),
-            draft.init_cache(rows, width), jnp.zeros((), jnp.int32), zeros, zeros)
-    tokens, _, _, _, r, accepted, rounds = jax.lax.while_loop(
+            drafter.init(batch, key_init), jnp.zeros((), jnp.int32),
+            zeros, zeros, zeros)
+    tokens, _, _, _, r, accepted, rounds, first = jax.lax.while_loop(
         lambda s: jnp.any(s[1] < length), round_, init)
-    return tokens[:, :length], SpeculativeStats(forward_passes=r, draft_passes=r * (k + 1),
-                                                accepted=accepted, rounds=rounds)
+    return tokens[:, :length], SpeculativeStats(
+        forward_passes=r, draft_passes=r * drafter.calls_per_round(), accepted=accepted,
+        rounds=rounds, first_accepted=first)
