@@ -19,10 +19,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check arjax experiments tests benchmarks
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -x --durations=10
+	$(PY) -m pytest -q -x -n 2 --durations=15
 
 test-all: $(STAMP) lint
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n 2 -m "slow or not slow"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.llamagen_sampling

@@ -256,6 +256,7 @@ def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleCon
             info["first_draft_acceptance"] = float(np.mean(np.asarray(stats.first_accepted)
                                                            / rounds))
             info["draft_passes"] = int(stats.draft_passes)
+            info["mean_rounds"] = float(np.mean(np.asarray(stats.rounds)))
         return images, np.asarray(tokens), info
 
     return generate

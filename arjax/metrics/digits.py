@@ -107,8 +107,9 @@ class DigitsEvaluator:
         os.makedirs(cache_dir, exist_ok=True)
         flat = {path_str(p): np.asarray(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-        np.savez(path + ".tmp.npz", **flat)
-        os.replace(path + ".tmp.npz", path)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # concurrent processes never share a temp file
+        np.savez(tmp, **flat)
+        os.replace(tmp, path)
         return cls(graphdef, params)
 
     def __post_init__(self):

@@ -30,7 +30,7 @@ def _selection_mass(beta, n):
 
 def optimal_rho(p: jax.Array, q: jax.Array, n: jax.Array, iters: int = 40) -> jax.Array:
     """rho* in [1, n] for rows p, q [.., V] and draft counts n [..] (bisection)."""
-    n = jnp.asarray(n, p.dtype)
+    n = jnp.broadcast_to(jnp.asarray(n, p.dtype), p.shape[:-1])
     lo, hi = jnp.ones_like(n), jnp.maximum(n, 1.0)
 
     def step(_, bounds):
