@@ -14,13 +14,13 @@ Shapes: N images, H/W input size; activations are NHWC.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from arjax.nn.resize import resize
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -187,7 +187,7 @@ class FIDInception(nnx.Module):
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         """images uint8 [N,H,W,3] (or floats in [0,255]) -> pool_3 [N,2048],
         spatial [N,2023], probs [N,1008]."""
-        x = resize_bilinear(images.astype(jnp.float32) / 255.0, 299) * 2.0 - 1.0
+        x = resize(images.astype(jnp.float32) / 255.0, 299, "bilinear") * 2.0 - 1.0
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(max_pool(x)))
         x = max_pool(x)
@@ -202,28 +202,6 @@ class FIDInception(nnx.Module):
         spatial = mixed_6_conv[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
         probs = jax.nn.softmax(pool3 @ self.fc.kernel[...], axis=-1)
         return {"pool_3": pool3, "spatial": spatial, "probs": probs}
-
-
-@functools.lru_cache(maxsize=8)
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """torch F.interpolate(mode='bilinear', align_corners=False) along one axis: [out, in]."""
-    # float32 index arithmetic, as torch does on CPU/GPU (float64 differs by ~2e-5 at 512 px).
-    scale = np.float32(n_in) / np.float32(n_out)
-    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5))
-                     - np.float32(0.5), np.float32(0.0))
-    i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    w1 = (src - i0).astype(np.float32)
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), i0), 1.0 - w1)
-    np.add.at(m, (np.arange(n_out), i1), w1)
-    return m.astype(np.float32)
-
-
-def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
-    """[N,H,W,C] -> [N,size,size,C], exactly as torch's bilinear resize."""
-    mh, mw = bilinear_matrix(x.shape[1], size), bilinear_matrix(x.shape[2], size)
-    return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw)
 
 
 def default_weights_path() -> str:

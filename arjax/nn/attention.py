@@ -22,14 +22,18 @@ def init_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> 
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B,T,H,d], k/v [B,K,S,d], mask [T,S] or [B,T,S] (True = visible) -> [B,T,H,d]."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           scale: float | None = None) -> jax.Array:
+    """q [B,T,H,d], k/v [B,K,S,d], mask [T,S] or [B,T,S] (True = visible; None = all)
+    -> [B,T,H,d]. `scale` defaults to d^-0.5."""
     b, t, h, d = q.shape
     kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) * d**-0.5
-    mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
-    logits = jnp.where(mask, logits, -1e30)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32)
+    logits = logits * (d**-0.5 if scale is None else scale)
+    if mask is not None:
+        mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
+        logits = jnp.where(mask, logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 

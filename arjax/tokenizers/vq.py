@@ -47,21 +47,21 @@ VQ_16 = VQConfig()
 VQ_8 = VQConfig(ch_mult=(1, 2, 2, 4))
 
 
-def _conv(cin, cout, k, rngs, stride=1, padding=1):
+def conv2d(cin, cout, k, rngs, stride=1, padding=1):
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, rngs=rngs)
 
 
-def _norm(c, groups, rngs):
+def group_norm(c, groups, rngs):
     return nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs):
-        self.norm1 = _norm(cin, groups, rngs)
-        self.conv1 = _conv(cin, cout, 3, rngs)
-        self.norm2 = _norm(cout, groups, rngs)
-        self.conv2 = _conv(cout, cout, 3, rngs)
-        self.nin_shortcut = _conv(cin, cout, 1, rngs, padding=0) if cin != cout else None
+        self.norm1 = group_norm(cin, groups, rngs)
+        self.conv1 = conv2d(cin, cout, 3, rngs)
+        self.norm2 = group_norm(cout, groups, rngs)
+        self.conv2 = conv2d(cout, cout, 3, rngs)
+        self.nin_shortcut = conv2d(cin, cout, 1, rngs, padding=0) if cin != cout else None
 
     def __call__(self, x):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -73,9 +73,9 @@ class AttnBlock(nnx.Module):
     """Single-head spatial self-attention with 1x1-conv q/k/v/proj (LDM style)."""
 
     def __init__(self, c: int, groups: int, *, rngs: nnx.Rngs):
-        self.norm = _norm(c, groups, rngs)
-        self.q, self.k, self.v = (_conv(c, c, 1, rngs, padding=0) for _ in range(3))
-        self.proj_out = _conv(c, c, 1, rngs, padding=0)
+        self.norm = group_norm(c, groups, rngs)
+        self.q, self.k, self.v = (conv2d(c, c, 1, rngs, padding=0) for _ in range(3))
+        self.proj_out = conv2d(c, c, 1, rngs, padding=0)
 
     def __call__(self, x):
         b, h, w, c = x.shape
@@ -87,7 +87,7 @@ class AttnBlock(nnx.Module):
 
 class Downsample(nnx.Module):
     def __init__(self, c: int, *, rngs: nnx.Rngs):
-        self.conv = _conv(c, c, 3, rngs, stride=2, padding="VALID")
+        self.conv = conv2d(c, c, 3, rngs, stride=2, padding="VALID")
 
     def __call__(self, x):  # torch pads (0,1,0,1): right and bottom only
         return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
@@ -95,7 +95,7 @@ class Downsample(nnx.Module):
 
 class Upsample(nnx.Module):
     def __init__(self, c: int, *, rngs: nnx.Rngs):
-        self.conv = _conv(c, c, 3, rngs)
+        self.conv = conv2d(c, c, 3, rngs)
 
     def __call__(self, x):  # nearest x2, then conv
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
@@ -131,15 +131,15 @@ def _mid(c, groups, rngs):
 class Encoder(nnx.Module):
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         g, n = cfg.norm_groups, len(cfg.ch_mult)
-        self.conv_in = _conv(cfg.image_channels, cfg.ch, 3, rngs)
+        self.conv_in = conv2d(cfg.image_channels, cfg.ch, 3, rngs)
         widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]
         self.conv_blocks = nnx.List([
             Level(widths[i], widths[i + 1], cfg.num_res_blocks, attn=i == n - 1,
                   resample=Downsample if i != n - 1 else None, groups=g, rngs=rngs)
             for i in range(n)])
         self.mid = _mid(widths[-1], g, rngs)
-        self.norm_out = _norm(widths[-1], g, rngs)
-        self.conv_out = _conv(widths[-1], cfg.z_channels, 3, rngs)
+        self.norm_out = group_norm(widths[-1], g, rngs)
+        self.conv_out = conv2d(widths[-1], cfg.z_channels, 3, rngs)
 
     def __call__(self, x):
         x = self.conv_in(x)
@@ -154,7 +154,7 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         g, n = cfg.norm_groups, len(cfg.ch_mult)
         top = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = _conv(cfg.z_channels, top, 3, rngs)
+        self.conv_in = conv2d(cfg.z_channels, top, 3, rngs)
         self.mid = _mid(top, g, rngs)
         levels, cin = [], top
         for j, i in enumerate(reversed(range(n))):
@@ -163,8 +163,8 @@ class Decoder(nnx.Module):
                                 resample=Upsample if i != 0 else None, groups=g, rngs=rngs))
             cin = cout
         self.conv_blocks = nnx.List(levels)
-        self.norm_out = _norm(cin, g, rngs)
-        self.conv_out = _conv(cin, cfg.image_channels, 3, rngs)
+        self.norm_out = group_norm(cin, g, rngs)
+        self.conv_out = conv2d(cin, cfg.image_channels, 3, rngs)
 
     def __call__(self, z):
         x = self.conv_in(z)
@@ -230,8 +230,8 @@ class VQTokenizer(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
         self.quantize = VectorQuantizer(cfg, rngs=rngs)
-        self.quant_conv = _conv(cfg.z_channels, cfg.codebook_dim, 1, rngs, padding=0)
-        self.post_quant_conv = _conv(cfg.codebook_dim, cfg.z_channels, 1, rngs, padding=0)
+        self.quant_conv = conv2d(cfg.z_channels, cfg.codebook_dim, 1, rngs, padding=0)
+        self.post_quant_conv = conv2d(cfg.codebook_dim, cfg.z_channels, 1, rngs, padding=0)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Reconstruction and quantiser losses (training)."""

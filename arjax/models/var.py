@@ -1,0 +1,258 @@
+"""VAR (Tian et al. 2024): class-conditional next-scale prediction over multi-scale VQ codes.
+
+Token 0 is the start token (class embedding + pos_start); tokens of scale k > 0 embed the
+running reconstruction f_hat after scales < k, area-downsampled to scale k's side. All tokens of
+a scale are predicted in parallel; the attention mask is block-causal over scales (a token sees
+its own and all coarser scales). Blocks are pre-norm with AdaLN from the class (gates, scales,
+shifts in the official order g1, g2, s1, s2, b1, b2), q/k are L2-normalised per head with a
+learned log-scale (capped at ln 100) and softmax scale 1, FFN uses tanh-GELU, and the head is
+AdaLN-modulated in float32. Module names follow the official `var_d{16,20,24,30}.pth`.
+Shapes: B batch, L = sum(pn^2) tokens, C width, V codebook size, Cv code dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arjax.config import check
+from arjax.nn.attention import attend
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+    depth: int = 16
+    width: int = 0  # 0: 64 * depth (official)
+    heads: int = 0  # 0: depth (head dim 64)
+    mlp_ratio: float = 4.0
+    vocab_size: int = 4096
+    codebook_dim: int = 32
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    num_classes: int = 1000
+    shared_aln: bool = False  # d36: one AdaLN projection shared by all blocks
+    attn_l2_norm: bool = True
+    label_drop: float = 0.1  # cond_drop_rate
+    norm_eps: float = 1e-6
+    aln_gamma_init: float = 1e-3  # alng: scale of the gate rows of ada_lin at init
+
+    @property
+    def dim(self) -> int:
+        return self.width or 64 * self.depth
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads or self.depth
+
+    @property
+    def seq_len(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    def validate(self) -> None:
+        check(self.dim % self.num_heads == 0,
+              f"VAR width {self.dim} must be divisible by heads {self.num_heads}")
+        check(0 <= self.label_drop < 1, "label_drop must be in [0, 1)")
+        check(self.patch_nums[0] == 1 and all(
+            a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])),
+              f"patch_nums must start at 1 and increase, got {self.patch_nums}")
+
+
+def var_config(depth: int, **overrides) -> VARConfig:
+    """Official VAR-d{16,20,24,30} (256 px) and d36 (512 px, shared AdaLN)."""
+    alng = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}.get(depth, 1e-3)
+    base = dict(depth=depth, aln_gamma_init=alng)
+    if depth == 36:
+        base.update(shared_aln=True, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
+    return VARConfig(**{**base, **overrides})
+
+
+def scale_bounds(patch_nums) -> list[tuple[int, int]]:
+    ends = np.cumsum([p * p for p in patch_nums])
+    return [(int(e - p * p), int(e)) for p, e in zip(patch_nums, ends)]
+
+
+def layer_norm(x, eps):
+    """LayerNorm without affine parameters, in float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def _linear(cin, cout, rngs, std, bias=True):
+    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs,
+                      kernel_init=nnx.initializers.truncated_normal(std, lower=-2 / std,
+                                                                    upper=2 / std))
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: VARConfig, std: float, *, rngs: nnx.Rngs):
+        c, h = cfg.dim, cfg.num_heads
+        self.cfg = cfg
+        self.mat_qkv = _linear(c, 3 * c, rngs, std, bias=False)
+        self.q_bias = nnx.Param(jnp.zeros((c,)))
+        self.v_bias = nnx.Param(jnp.zeros((c,)))
+        self.scale_mul_1H11 = nnx.Param(jnp.full((1, h, 1, 1), math.log(4.0)))
+        self.proj = _linear(c, c, rngs, std / math.sqrt(2 * cfg.depth))
+
+    def qkv(self, x):
+        b, t, c = x.shape
+        h = self.cfg.num_heads
+        bias = jnp.concatenate([self.q_bias[...], jnp.zeros((c,)), self.v_bias[...]])
+        q, k, v = jnp.moveaxis((self.mat_qkv(x) + bias).reshape(b, t, 3, h, c // h), 2, 0)
+        if self.cfg.attn_l2_norm:
+            unit = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+            log_scale = jnp.minimum(self.scale_mul_1H11[...], math.log(100.0)).reshape(h, 1)
+            q, k = unit(q) * jnp.exp(log_scale), unit(k)
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # k/v [B,H,T,d]
+
+    def scale(self) -> float:
+        return 1.0 if self.cfg.attn_l2_norm else 0.25 / math.sqrt(self.cfg.dim
+                                                                  // self.cfg.num_heads)
+
+    def __call__(self, x, mask):
+        q, k, v = self.qkv(x)
+        return self.proj(attend(q, k, v, mask, self.scale()).reshape(x.shape))
+
+    def decode(self, x, cache, begin: int, end: int):
+        """One scale's tokens (positions begin..end-1, static) against the cache."""
+        q, k, v = self.qkv(x)
+        cache = {"k": cache["k"].at[:, :, begin:end].set(k),
+                 "v": cache["v"].at[:, :, begin:end].set(v)}
+        out = attend(q, cache["k"][:, :, :end], cache["v"][:, :, :end], None, self.scale())
+        return self.proj(out.reshape(x.shape)), cache
+
+
+class FFN(nnx.Module):
+    def __init__(self, cfg: VARConfig, std: float, *, rngs: nnx.Rngs):
+        hidden = round(cfg.dim * cfg.mlp_ratio)
+        self.fc1 = _linear(cfg.dim, hidden, rngs, std)
+        self.fc2 = _linear(hidden, cfg.dim, rngs, std / math.sqrt(2 * cfg.depth))
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class AdaLNBlock(nnx.Module):
+    def __init__(self, cfg: VARConfig, std: float, *, rngs: nnx.Rngs):
+        c = cfg.dim
+        self.cfg = cfg
+        self.attn = SelfAttention(cfg, std, rngs=rngs)
+        self.ffn = FFN(cfg, std, rngs=rngs)
+        if cfg.shared_aln:
+            self.ada_gss = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 6, c)) / c**0.5)
+        else:
+            self.ada_lin = _linear(c, 6 * c, rngs, std)
+            kernel = self.ada_lin.kernel[...]
+            self.ada_lin.kernel[...] = jnp.concatenate(
+                [kernel[:, :2 * c] * cfg.aln_gamma_init, kernel[:, 2 * c:] * 0.5], axis=1)
+
+    def modulation(self, cond):
+        """cond [B, C] (or the shared [B, 1, 6, C]) -> six [B, 1, C]."""
+        if self.cfg.shared_aln:
+            mods = self.ada_gss[...] + cond
+        else:
+            mods = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
+        return [mods[:, :, i] for i in range(6)]
+
+    def _residual(self, x, cond, attn):
+        """attn: normalised input -> (output, aux); returns (x, aux)."""
+        g1, g2, s1, s2, b1, b2 = self.modulation(cond)
+        eps = self.cfg.norm_eps
+        out, aux = attn(layer_norm(x, eps) * (1 + s1) + b1)
+        x = x + g1 * out
+        return x + g2 * self.ffn(layer_norm(x, eps) * (1 + s2) + b2), aux
+
+    def __call__(self, x, cond, mask):
+        return self._residual(x, cond, lambda h: (self.attn(h, mask), None))[0]
+
+    def decode(self, x, cond, cache, begin: int, end: int):
+        return self._residual(x, cond, lambda h: self.attn.decode(h, cache, begin, end))
+
+
+class HeadNorm(nnx.Module):
+    def __init__(self, c: int, std: float, *, rngs: nnx.Rngs):
+        self.ada_lin = _linear(c, 2 * c, rngs, std)
+        self.ada_lin.kernel[...] = self.ada_lin.kernel[...] * 0.5
+
+    def __call__(self, x, cond, eps):
+        scale, shift = jnp.split(self.ada_lin(jax.nn.silu(cond))[:, None], 2, axis=-1)
+        return layer_norm(x, eps) * (1 + scale) + shift
+
+
+class VAR(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        c, std = cfg.dim, math.sqrt(1 / (3 * cfg.dim))
+        normal = lambda shape: nnx.Param(jnp.clip(jax.random.normal(rngs.params(), shape),
+                                                  -2, 2) * std)
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, rngs=rngs,
+                                   embedding_init=nnx.initializers.truncated_normal(std))
+        self.pos_start = normal((1, 1, c))
+        self.pos_1LC = normal((1, cfg.seq_len, c))
+        self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, rngs=rngs,
+                                   embedding_init=nnx.initializers.truncated_normal(std))
+        self.word_embed = _linear(cfg.codebook_dim, c, rngs, std)
+        if cfg.shared_aln:
+            self.shared_ada_lin = _linear(c, 6 * c, rngs, std)
+        self.blocks = nnx.List([AdaLNBlock(cfg, std, rngs=rngs) for _ in range(cfg.depth)])
+        self.head_nm = HeadNorm(c, std, rngs=rngs)
+        self.head = _linear(c, cfg.vocab_size, rngs, std * 0.02)
+
+    @property
+    def levels(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.cfg.patch_nums)),
+                         [p * p for p in self.cfg.patch_nums])
+
+    def conditioning(self, labels):
+        """(cond [B, C] for the head, what each block's AdaLN takes)."""
+        cond = self.class_emb(labels)
+        if self.cfg.shared_aln:
+            shared = self.shared_ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
+            return cond, shared
+        return cond, cond
+
+    def embed(self, cond, inputs, begin: int):
+        """Token embeddings at positions begin..: the start token (begin == 0, `inputs`
+        ignored) or word_embed(inputs [B, n, Cv]), plus level and position embeddings."""
+        if begin == 0:
+            x = cond[:, None] + self.pos_start[...]
+        else:
+            x = self.word_embed(inputs)
+        end = begin + x.shape[1]
+        lvl = self.lvl_embed(jnp.asarray(self.levels[begin:end]))
+        return x + lvl[None] + self.pos_1LC[:, begin:end]
+
+    def logits(self, x, cond):
+        return self.head(self.head_nm(x.astype(jnp.float32), cond, self.cfg.norm_eps))
+
+    def __call__(self, labels, inputs, *, key=None):
+        """Teacher forcing: labels [B], inputs [B, L - pn0^2, Cv] -> logits [B, L, V].
+        With `key` (training) labels drop to the null class with rate label_drop."""
+        if key is not None and self.cfg.label_drop > 0:
+            drop = jax.random.bernoulli(key, self.cfg.label_drop, labels.shape)
+            labels = jnp.where(drop, self.cfg.num_classes, labels)
+        cond, block_cond = self.conditioning(labels)
+        x = jnp.concatenate([self.embed(cond, None, 0), self.embed(cond, inputs, 1)], axis=1)
+        lv = self.levels
+        mask = jnp.asarray(lv[:, None] >= lv[None, :])  # block-causal over scales
+        for block in self.blocks:
+            x = block(x, block_cond, mask)
+        return self.logits(x, cond)
+
+    def init_cache(self, batch: int):
+        cfg = self.cfg
+        shape = (batch, cfg.num_heads, cfg.seq_len, cfg.dim // cfg.num_heads)
+        return [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(cfg.depth)]
+
+    def decode_scale(self, x, cond, block_cond, cache, begin: int):
+        """One scale's embedded tokens x [B, n, C] -> (logits [B, n, V], cache)."""
+        end, new_cache = begin + x.shape[1], []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.decode(x, block_cond, layer_cache, begin, end)
+            new_cache.append(layer_cache)
+        return self.logits(x, cond), new_cache
