@@ -5,7 +5,8 @@ shared codebook, bicubically upsampled back, refined by one of `num_phi` 3x3 con
 h -> (1 - r) h + r conv(h)), added to the running reconstruction f_hat and subtracted from the
 residual. Resizes are torch-exact (`arjax.nn.resize`); the Phi chosen per scale follows the
 official float64 rule. Module names follow the official `vae_ch160v4096z32.pth`
-(`encoder.down.{i}.block.{j}`, `decoder.up.{level}`, `quantize.quant_resi.qresi_ls.{k}`).
+(`decoder.up.{level}`, `quantize.quant_resi.qresi_ls.{k}`), except that a level's res blocks
+are `res.{j}` (LlamaGen's `Level`) where the official file has `block.{j}`.
 Shapes: images NHWC in [-1, 1]; f / f_hat [B, H, W, C] with H = image / 16.
 """
 
@@ -20,7 +21,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.resize import resize
-from arjax.tokenizers.vq import Downsample, ResnetBlock, Upsample, conv2d, group_norm
+from arjax.tokenizers.vq import Downsample, Level, ResnetBlock, Upsample, conv2d, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,26 +79,6 @@ class Attn(nnx.Module):
         return x + self.proj_out(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
 
 
-class Level(nnx.Module):
-    def __init__(self, cin, cout, n_res, attn, resample, groups, *, rngs):
-        self.block = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs)
-                               for i in range(n_res)])
-        self.attn = nnx.List([Attn(cout, groups, rngs=rngs) for _ in range(n_res)] if attn
-                             else [])
-        self.downsample = Downsample(cout, rngs=rngs) if resample == "down" else None
-        self.upsample = Upsample(cout, rngs=rngs) if resample == "up" else None
-
-    def __call__(self, x):
-        for i, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        for resample in (self.downsample, self.upsample):
-            if resample is not None:
-                x = resample(x)
-        return x
-
-
 def _mid(c, groups, rngs):
     return nnx.Dict(block_1=ResnetBlock(c, c, groups, rngs=rngs), attn_1=Attn(c, groups, rngs=rngs),
                     block_2=ResnetBlock(c, c, groups, rngs=rngs))
@@ -113,8 +94,8 @@ class Encoder(nnx.Module):
         widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = conv2d(3, cfg.ch, 3, rngs)
         self.down = nnx.List([Level(widths[i], widths[i + 1], cfg.num_res_blocks, i == n - 1,
-                                    "down" if i < n - 1 else None, g, rngs=rngs)
-                              for i in range(n)])
+                                    Downsample if i < n - 1 else None, g, rngs=rngs,
+                                    attn_block=Attn) for i in range(n)])
         self.mid = _mid(widths[-1], g, rngs)
         self.norm_out = group_norm(widths[-1], g, rngs)
         self.conv_out = conv2d(widths[-1], cfg.codebook_dim, 3, rngs)
@@ -135,8 +116,8 @@ class Decoder(nnx.Module):
         self.conv_in = conv2d(cfg.codebook_dim, widths[-1], 3, rngs)
         self.mid = _mid(widths[-1], g, rngs)
         self.up = nnx.List([Level(widths[min(i + 1, n - 1)], widths[i], cfg.num_res_blocks + 1,
-                                  i == n - 1, "up" if i > 0 else None, g, rngs=rngs)
-                            for i in range(n)])
+                                  i == n - 1, Upsample if i > 0 else None, g, rngs=rngs,
+                                  attn_block=Attn) for i in range(n)])
         self.norm_out = group_norm(widths[0], g, rngs)
         self.conv_out = conv2d(widths[0], 3, 3, rngs)
 

@@ -104,10 +104,11 @@ class Upsample(nnx.Module):
 class Level(nnx.Module):
     """One resolution level: res blocks (+ attention at the lowest resolution) and a resample."""
 
-    def __init__(self, cin, cout, n_res, attn, resample, groups, *, rngs):
+    def __init__(self, cin, cout, n_res, attn, resample, groups, *, rngs,
+                 attn_block=AttnBlock):
         self.res = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs)
                              for i in range(n_res)])
-        self.attn = nnx.List([AttnBlock(cout, groups, rngs=rngs) for _ in range(n_res)]
+        self.attn = nnx.List([attn_block(cout, groups, rngs=rngs) for _ in range(n_res)]
                              if attn else [])
         self.downsample = resample(cout, rngs=rngs) if resample is Downsample else None
         self.upsample = resample(cout, rngs=rngs) if resample is Upsample else None
