@@ -40,6 +40,7 @@ from arjax.models.raster_ar import RasterAR, gpt_config
 from arjax.sampling import multidraft
 from arjax.sampling.common import guided_logits
 from arjax.sampling.speculative import SpeculativeConfig, token_probs
+from arjax.stages import extract_codes, train_stage
 from arjax.tokenizers.vq import VQTokenizer
 from experiments import llamagen_imagenet as exp
 
@@ -68,12 +69,13 @@ def load(cfg, workdir: str, mesh):
     """(graphdef, params), (vq graphdef, params), draft (graphdef, params): resumed stages."""
     train = open_source(cfg.data, "train")
     vq_fn = lambda: VQTokenizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
-    vq = exp.train_stage("tokenizer", vq_fn, exp.tokenizer_loss, cfg.tokenizer_train, train,
-                         cfg, mesh, workdir)[:2]
-    codes = exp.extract_codes(*vq, train, cfg.encode_batch, f"{workdir}/codes_train.npz")
-    stage = lambda name, model_cfg, seed, st: exp.train_stage(
+    vq = train_stage("tokenizer", vq_fn, exp.tokenizer_loss, cfg.tokenizer_train, train,
+                     cfg.seed, mesh, workdir)[:2]
+    codes = extract_codes(exp.encoder(*vq), train, cfg.encode_batch,
+                          f"{workdir}/codes_train.npz")
+    stage = lambda name, model_cfg, seed, st: train_stage(
         name, lambda: RasterAR(model_cfg, rngs=nnx.Rngs(cfg.seed + seed)), exp.gpt_loss, st,
-        codes, cfg, mesh, workdir)[:2]
+        codes, cfg.seed, mesh, workdir)[:2]
     return (stage("gpt", cfg.model, 1, cfg.gpt_train), vq,
             stage("draft", cfg.draft_model, 2, cfg.draft_train), train.images)
 

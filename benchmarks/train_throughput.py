@@ -20,6 +20,7 @@ from arjax.data import Batches, open_source
 from arjax.models import split
 from arjax.models.raster_ar import RasterAR
 from arjax.optim import make_optimizer
+from arjax.stages import CodesSource
 from arjax.tokenizers.vq import VQTokenizer
 from arjax.train import init_state, make_train_step
 from experiments import llamagen_imagenet as exp
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
     print(f"tokenizer: {vq:.2f} steps/s = {vq * cfg.tokenizer_train.batch_size:.0f} images/s "
           f"(batch {cfg.tokenizer_train.batch_size}, {jax.devices()[0].device_kind})")
     rng = np.random.default_rng(0)
-    codes = exp.CodesSource(rng.integers(0, cfg.model.vocab_size, (1500, cfg.model.seq_len)),
+    codes = CodesSource(rng.integers(0, cfg.model.vocab_size, (1500, cfg.model.seq_len)),
                             rng.integers(0, 10, 1500), 10)
     gpt = throughput(lambda: RasterAR(cfg.model, rngs=nnx.Rngs(0)), exp.gpt_loss,
                      cfg.gpt_train, codes, args.steps, mesh)

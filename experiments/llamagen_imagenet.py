@@ -34,32 +34,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from arjax import config as cfglib
 from arjax import sharding
-from arjax.data import Batches, DataConfig, open_source
-from arjax.data.sources import ArraySource
-from arjax.images import save_grid, to_float, to_uint8
+from arjax.data import DataConfig, open_source
+from arjax.images import to_float, to_uint8
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
-from arjax.optim import OptimConfig, make_optimizer
+from arjax.optim import OptimConfig
 from arjax.sampling import speculative
 from arjax.sampling.common import SampleConfig
 from arjax.sampling.raster import sample
 from arjax.sampling.speculative import SpeculativeConfig
+from arjax.stages import StageConfig, extract_codes, save_samples, train_stage
 from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
-from arjax.train import fit, init_state, make_train_step
-
-
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    optim: OptimConfig = OptimConfig()
-    log_every: int = 50
-    ckpt_every: int = 500
-    eval_every: int = 0  # 0 = evaluate only at the end (digits: FID-digits etc. of samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,43 +171,10 @@ def gpt_loss(model: RasterAR, batch, key):
     return ce, {"accuracy": acc}
 
 
-def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, cfg: Config, mesh,
-                workdir, progress=True, evaluate=None):
-    """Trains one stage with the shared `fit` loop; returns params and the logged history."""
-    graphdef, _ = split(nnx.eval_shape(module_fn))
-    tx = make_optimizer(stage.optim)
-    state, history = fit(
-        name=name, init_fn=lambda: init_state(split(module_fn())[1], tx, cfg.seed),
-        train_step=make_train_step(graphdef, loss_fn, tx),
-        make_batches=lambda start: Batches(source, stage.batch_size, cfg.seed, mesh, start),
-        steps=stage.steps, mesh=mesh, workdir=workdir, log_every=stage.log_every,
-        ckpt_every=stage.ckpt_every, evaluate=evaluate, eval_every=stage.eval_every,
-        progress=progress)
-    return graphdef, state.params, history
-
-
-class CodesSource(ArraySource):
-    """Pre-extracted codes: rows are {"codes": int32 [L], "label"}."""
-
-    def __getitem__(self, indices):
-        return {"codes": self.images[indices], "label": self.labels[indices]}
-
-
-def extract_codes(vq_graphdef, vq_params, source, batch: int, cache_path: str | None):
-    """Tokenizes a whole split once (cached as .npz): the LlamaGen extract-codes workflow."""
-    if cache_path and os.path.exists(cache_path):
-        data = np.load(cache_path)
-        return CodesSource(data["codes"], data["label"], source.num_classes)
+def encoder(vq_graphdef, vq_params):
+    """uint8 images -> codes [B, L] (jitted)."""
     encode = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float(x)))
-    codes, labels = [], []
-    for start in tqdm(range(0, source.num_examples, batch), desc="extract codes"):
-        rows = source[np.arange(start, min(start + batch, source.num_examples))]
-        codes.append(np.asarray(encode(vq_params, rows["image"])))
-        labels.append(rows["label"])
-    codes, labels = np.concatenate(codes).astype(np.int32), np.concatenate(labels)
-    if cache_path:
-        np.savez(cache_path, codes=codes, label=labels)
-    return CodesSource(codes, labels, source.num_classes)
+    return lambda images: encode(vq_params, images)
 
 
 def uses_draft_model(cfg: Config) -> bool:
@@ -287,18 +242,19 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
             cfg.tokenizer_ckpt, cfg.tokenizer)
     else:
         vq_graphdef, vq_params, hist = train_stage("tokenizer", vq_fn, tokenizer_loss,
-                                                   cfg.tokenizer_train, train_source, cfg,
+                                                   cfg.tokenizer_train, train_source, cfg.seed,
                                                    mesh, workdir, progress)
         summary["tokenizer/final_mse"] = hist[-1]["train/mse"] if hist else None
 
     cache = (lambda split_: f"{workdir}/codes_{split_}.npz") if workdir else (lambda _: None)
-    codes = extract_codes(vq_graphdef, vq_params, train_source, cfg.encode_batch, cache("train"))
+    encode = encoder(vq_graphdef, vq_params)
+    codes = extract_codes(encode, train_source, cfg.encode_batch, cache("train"))
 
     draft = None
     if uses_draft_model(cfg):
         draft_fn = lambda: RasterAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2))
         draft_graphdef, draft_params, _ = train_stage("draft", draft_fn, gpt_loss,
-                                                      cfg.draft_train, codes, cfg, mesh,
+                                                      cfg.draft_train, codes, cfg.seed, mesh,
                                                       workdir, progress)
         draft = (draft_graphdef, draft_params)
     gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
@@ -324,7 +280,7 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         params = load_gpt(cfg.gpt_ckpt, cfg.model)
     else:
         _, params, hist = train_stage(
-            "gpt", gpt_fn, gpt_loss, cfg.gpt_train, codes, cfg, mesh, workdir, progress,
+            "gpt", gpt_fn, gpt_loss, cfg.gpt_train, codes, cfg.seed, mesh, workdir, progress,
             evaluate=(lambda state: score(state.params)) if score else None)
         train_logs = [h for h in hist if "train/loss" in h]
         if train_logs:
@@ -336,8 +292,8 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     if score:
         summary.update({f"eval/{k}": v for k, v in score(params).items()})
     if cfg.data.name == "digits":
-        test = extract_codes(vq_graphdef, vq_params, open_source(cfg.data, "test"),
-                             cfg.encode_batch, cache("test"))
+        test = extract_codes(encode, open_source(cfg.data, "test"), cfg.encode_batch,
+                             cache("test"))
         summary["gpt/test_loss"] = eval_loss(graphdef, params, test, 256)
 
     labels = np.repeat(np.asarray(cfg.sample_classes, np.int32), cfg.samples_per_class)
@@ -350,18 +306,8 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         if key in stats:
             summary[f"sample/{key}"] = stats[key]
     if workdir:
-        grid = save_grid(f"{workdir}/samples.png", images, cfg.samples_per_class,
-                         scale=max(1, 128 // cfg.data.image_size))
-        np.savez(f"{workdir}/samples.npz", images=images, labels=labels, tokens=tokens)
-        from arjax.writer import MetricWriter
-
-        writer = MetricWriter(f"{workdir}/sample_tb")
-        writer.image(cfg.gpt_train.steps, "samples", grid)
-        writer.scalars(cfg.gpt_train.steps, {k: v for k, v in summary.items()
-                                             if isinstance(v, (int, float))})
-        writer.close()
-        with open(f"{workdir}/summary.json", "w") as f:
-            json.dump({"config": cfglib.to_dict(cfg), **summary}, f, indent=1)
+        save_samples(workdir, images, labels, cfg.samples_per_class, cfg.gpt_train.steps,
+                     summary, cfg, tokens=tokens)
     summary["images"] = images
     summary["labels"] = labels
     return summary

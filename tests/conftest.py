@@ -32,7 +32,32 @@ def tiny_gpt(seed: int = 0, scale: float = 0.3, **overrides):
     return graphdef, jax.tree.unflatten(tree, leaves)
 
 
+@pytest.fixture
+def no_compilation(monkeypatch):
+    """Fails the test if anything reaches jax.jit (bad input must be caught before)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("compilation started before the input was validated")
+    monkeypatch.setattr(jax, "jit", refuse)
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert len(jax.devices()) == 8, "conftest must run before JAX initialises"
     return jax.devices()
+
+
+def official_shapes(module_fn, name_of) -> dict:
+    """Official checkpoint key -> shape for a module, from abstract params (nothing is
+    allocated, so 3B-parameter tables are instant); `name_of` is a converter's name map."""
+    import numpy as np
+
+    from arjax.convert.torch_io import INVERSE
+    from arjax.models import split
+    from arjax.sharding import path_str
+
+    abstract = jax.eval_shape(lambda: split(module_fn())[1])
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        key, transform = name_of(path_str(path), tuple(leaf.shape))
+        out[key] = INVERSE[transform](np.empty(leaf.shape, np.int8)).shape
+    return out

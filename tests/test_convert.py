@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_gpt, tiny_gpt_config
+from conftest import official_shapes, tiny_gpt, tiny_gpt_config
 from flax import nnx
 
 from arjax.convert import llamagen
@@ -17,9 +17,7 @@ from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
 
 
 def abstract_torch_shapes(module_fn):
-    abstract = jax.eval_shape(lambda: split(module_fn())[1])
-    zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
-    return {k: v.shape for k, v in llamagen.to_torch(zeros).items()}
+    return official_shapes(module_fn, llamagen.torch_name)
 
 
 def test_gpt_b_key_table_matches_official():

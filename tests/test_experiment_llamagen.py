@@ -18,14 +18,6 @@ SMOKE = override(exp.DIGITS, [
 ])
 
 
-@pytest.fixture
-def no_compilation(monkeypatch):
-    """Fails the test if anything reaches jax.jit."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("compilation started before the input was validated")
-    monkeypatch.setattr(jax, "jit", refuse)
-
-
 @pytest.mark.parametrize("overrides,error,match", [
     (["sample.temperature=-1.0"], ConfigError, "temperature"),
     (["sample.top_k=65"], ConfigError, "top_k"),

@@ -1,0 +1,68 @@
+"""Official VAR checkpoints (`var_d{16,20,24,30,36}.pth`, `vae_ch160v4096z32.pth`) <-> arjax.
+
+Both are plain state_dicts (`torch.load(weights_only=True)` works). arjax module paths mirror
+them except: AdaLN projections are `nn.Sequential(SiLU, Linear)` upstream (`ada_lin.1.*`), and
+the tokenizer's res blocks are `block.{j}` upstream (`res.{j}` here). Buffers that arjax
+recomputes are ignored: `lvl_1L`, `attn_bias_for_masking`, `*.zero_k_bias`,
+`quantize.ema_vocab_hit_SV`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+from flax import nnx
+
+from arjax.convert import torch_io
+from arjax.models import split
+from arjax.models.var import VAR, VARConfig
+from arjax.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
+
+
+def var_torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transform]:
+    key, transform = torch_io.default_torch_name(path, shape)
+    return re.sub(r"ada_lin\.(weight|bias)$", r"ada_lin.1.\1", key), transform
+
+
+def vae_torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transform]:
+    key, transform = torch_io.default_torch_name(path, shape)
+    return re.sub(r"\.res\.(\d+)\.", r".block.\1.", key), transform
+
+
+def var_buffers(cfg: VARConfig) -> tuple[str, ...]:
+    return ("lvl_1L", "attn_bias_for_masking",
+            *(f"blocks.{i}.attn.zero_k_bias" for i in range(cfg.depth)))
+
+
+VAE_BUFFERS = ("quantize.ema_vocab_hit_SV",)
+
+
+def _abstract(module_fn):
+    return jax.eval_shape(lambda: split(module_fn())[1])
+
+
+def var_params_from_torch(state_dict, cfg: VARConfig):
+    abstract = _abstract(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
+    return torch_io.convert(state_dict, abstract, var_torch_name, ignore=var_buffers(cfg))
+
+
+def vae_params_from_torch(state_dict, cfg: MSVQConfig):
+    abstract = _abstract(lambda: MultiScaleVQVAE(cfg, rngs=nnx.Rngs(0)))
+    return torch_io.convert(state_dict, abstract, vae_torch_name, ignore=VAE_BUFFERS)
+
+
+def load_var(path: str, cfg: VARConfig):
+    return var_params_from_torch(torch_io.load_state_dict(path), cfg)
+
+
+def load_vae(path: str, cfg: MSVQConfig):
+    return vae_params_from_torch(torch_io.load_state_dict(path), cfg)
+
+
+def var_to_torch(params) -> dict:
+    return torch_io.export(params, var_torch_name)
+
+
+def vae_to_torch(params) -> dict:
+    return torch_io.export(params, vae_torch_name)

@@ -1,0 +1,93 @@
+"""Pieces every experiment's pipeline shares: a training stage and cached code extraction.
+
+A stage is one model trained by the shared `fit` loop in its own `<workdir>/<name>` folder
+(checkpoints, TensorBoard, resume); code extraction tokenizes a split once and caches it, as
+LlamaGen's extract_codes and VAR's pre-tokenisation do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from arjax.data import Batches
+from arjax.data.sources import ArraySource
+from arjax.models import split
+from arjax.optim import OptimConfig, make_optimizer
+from arjax.train import fit, init_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    optim: OptimConfig = OptimConfig()
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0 = evaluate only at the end (digits: FID-digits etc. of samples)
+
+
+def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
+                workdir, progress=True, evaluate=None):
+    """Trains one stage (or resumes / loads it when complete); returns (graphdef, params,
+    logged history)."""
+    graphdef, _ = split(nnx.eval_shape(module_fn))
+    tx = make_optimizer(stage.optim)
+    state, history = fit(
+        name=name, init_fn=lambda: init_state(split(module_fn())[1], tx, seed),
+        train_step=make_train_step(graphdef, loss_fn, tx),
+        make_batches=lambda start: Batches(source, stage.batch_size, seed, mesh, start),
+        steps=stage.steps, mesh=mesh, workdir=workdir, log_every=stage.log_every,
+        ckpt_every=stage.ckpt_every, evaluate=evaluate, eval_every=stage.eval_every,
+        progress=progress)
+    return graphdef, state.params, history
+
+
+class CodesSource(ArraySource):
+    """Pre-extracted codes: rows are {"codes": int32 [L], "label"}."""
+
+    def __getitem__(self, indices):
+        return {"codes": self.images[indices], "label": self.labels[indices]}
+
+
+def extract_codes(encode, source, batch: int, cache_path: str | None) -> CodesSource:
+    """Tokenizes a whole split once with `encode(uint8 images) -> int codes [B, L]` (jitted
+    by the caller), cached as .npz."""
+    if cache_path and os.path.exists(cache_path):
+        data = np.load(cache_path)
+        return CodesSource(data["codes"], data["label"], source.num_classes)
+    codes, labels = [], []
+    for start in tqdm(range(0, source.num_examples, batch), desc="extract codes"):
+        rows = source[np.arange(start, min(start + batch, source.num_examples))]
+        codes.append(np.asarray(jax.device_get(encode(rows["image"]))))
+        labels.append(rows["label"])
+    codes, labels = np.concatenate(codes).astype(np.int32), np.concatenate(labels)
+    if cache_path:
+        np.savez(cache_path, codes=codes, label=labels)
+    return CodesSource(codes, labels, source.num_classes)
+
+
+def save_samples(workdir: str, images: np.ndarray, labels: np.ndarray, per_row: int,
+                 step: int, summary: dict, config, **arrays) -> None:
+    """The end of every sampling pipeline: `samples.png` (one row per class), `samples.npz`
+    (images, labels and `arrays`), TensorBoard (`sample_tb`: the grid and numeric summary
+    values) and `summary.json` (config + summary)."""
+    from arjax import config as cfglib
+    from arjax.images import save_grid
+    from arjax.writer import MetricWriter
+
+    grid = save_grid(f"{workdir}/samples.png", images, per_row,
+                     scale=max(1, 128 // images.shape[1]))
+    np.savez(f"{workdir}/samples.npz", images=images, labels=labels, **arrays)
+    writer = MetricWriter(f"{workdir}/sample_tb")
+    writer.image(step, "samples", grid)
+    writer.scalars(step, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    writer.close()
+    with open(f"{workdir}/summary.json", "w") as f:
+        json.dump({"config": cfglib.to_dict(config), **summary}, f, indent=1)

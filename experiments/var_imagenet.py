@@ -1,0 +1,267 @@
+"""VAR: multi-scale residual VQ-VAE + next-scale transformer, trained and sampled.
+
+Run:   python -m experiments.var_imagenet --config digits --workdir runs/var_digits
+       python -m experiments.var_imagenet --config imagenet256_d16 --workdir /ckpt/var_d16 \
+           --set data.data_dir=/data/tfds --set data.manual_dir=/data/imagenet
+Sample the official weights:  --config imagenet256_d16 --set var_ckpt=/w/var_d16.pth \
+           --set tokenizer_ckpt=/w/vae_ch160v4096z32.pth
+
+Stages: (1) train the multi-scale VQ-VAE (VAR's tokenizer recipe was never released: here L2
+reconstruction + the residual quantiser's loss), (2) extract every image's codes over all
+scales once (cached in the work dir), (3) train the VAR transformer with teacher forcing over
+all scales (its input is rebuilt from the codes by the frozen quantiser inside the step),
+(4) sample a PNG grid with one row per class. Every stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from arjax import config as cfglib
+from arjax import sharding
+from arjax.convert.var import load_vae, load_var
+from arjax.data import DataConfig, open_source
+from arjax.images import to_float, to_uint8
+from arjax.models import bind, split
+from arjax.models.var import VAR, VARConfig, var_config
+from arjax.optim import OptimConfig
+from arjax.sampling import var as var_sampling
+from arjax.sampling.var import VARSampleConfig
+from arjax.stages import StageConfig, extract_codes, save_samples, train_stage
+from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    tokenizer: MSVQConfig = VAR_VAE
+    tokenizer_train: StageConfig = StageConfig()
+    tokenizer_ckpt: str | None = None  # official vae_ch160v4096z32.pth: skips training it
+    model: VARConfig = var_config(16)
+    var_train: StageConfig = StageConfig()
+    var_ckpt: str | None = None  # official var_d{16,20,24,30}.pth: skips VAR training
+    sample: VARSampleConfig = VARSampleConfig()
+    samples_per_class: int = 8  # for the PNG grid
+    eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
+    sample_classes: tuple[int, ...] = tuple(range(10))
+    encode_batch: int = 256
+    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
+    seed: int = 0
+
+
+DIGITS_PATCH = (1, 2, 3, 4, 6, 8)
+DIGITS = Config(
+    data=DataConfig(name="digits", image_size=32),
+    tokenizer=MSVQConfig(codebook_size=64, codebook_dim=8, patch_nums=DIGITS_PATCH, ch=16,
+                         ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+    tokenizer_train=StageConfig(steps=400, batch_size=64, log_every=50, ckpt_every=200,
+                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
+    model=VARConfig(depth=4, width=96, heads=4, vocab_size=64, codebook_dim=8,
+                    patch_nums=DIGITS_PATCH, num_classes=10, aln_gamma_init=0.5),
+    var_train=StageConfig(steps=1200, batch_size=64, log_every=100, ckpt_every=400,
+                          eval_every=400, optim=OptimConfig(lr=1e-3, warmup_steps=50,
+                                                            b2=0.95, grad_clip=2.0)),
+    sample=VARSampleConfig(cfg=1.5, top_k=0, top_p=1.0),
+    samples_per_class=8,
+    eval_samples_per_class=40,
+)
+
+
+def imagenet(depth: int) -> Config:
+    """Official recipe (bs 768/1024, tblr 1e-4 or 8e-5, 200-350 epochs) and the FID sampling
+    protocol (cfg 1.5, top-k 900, top-p 0.96); the tokenizer is trained here."""
+    batch = 1024 if depth >= 30 else 768
+    epochs = {16: 200, 20: 250, 24: 350, 30: 350}[depth]
+    lr = (1e-4 if depth <= 20 else 8e-5) * batch / 256
+    return Config(
+        data=DataConfig(name="imagenet2012", image_size=256),
+        tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
+        model=var_config(depth),
+        var_train=StageConfig(
+            steps=epochs * 1_281_167 // batch, batch_size=batch, log_every=100,
+            ckpt_every=5000, optim=OptimConfig(lr=lr, weight_decay=0.05, b2=0.95,
+                                               grad_clip=2.0, warmup_steps=1_281_167 // batch
+                                               * epochs // 50)),
+        sample_classes=(207, 360, 387, 974, 88, 979, 417, 279),
+    )
+
+
+PRESETS = {"digits": DIGITS, **{f"imagenet256_d{d}": imagenet(d) for d in (16, 20, 24, 30)}}
+
+
+def validate(cfg: Config, mesh) -> None:
+    """Every check that can fail, on the host, before anything is compiled."""
+    check = cfglib.check
+    cfg.model.validate()
+    cfg.tokenizer.validate()
+    cfg.sample.validate(cfg.model.vocab_size)
+    check(cfg.model.vocab_size == cfg.tokenizer.codebook_size
+          and cfg.model.codebook_dim == cfg.tokenizer.codebook_dim,
+          f"model.vocab_size/codebook_dim ({cfg.model.vocab_size}, {cfg.model.codebook_dim}) "
+          f"must equal the tokenizer's ({cfg.tokenizer.codebook_size}, "
+          f"{cfg.tokenizer.codebook_dim})")
+    check(cfg.model.patch_nums == cfg.tokenizer.patch_nums,
+          f"model.patch_nums {cfg.model.patch_nums} != tokenizer.patch_nums "
+          f"{cfg.tokenizer.patch_nums}")
+    latent = cfg.data.image_size // cfg.tokenizer.downsample
+    check(cfg.tokenizer.patch_nums[-1] == latent,
+          f"the last scale must be the latent side: {cfg.data.image_size}px / "
+          f"{cfg.tokenizer.downsample} = {latent}, got patch_nums[-1]="
+          f"{cfg.tokenizer.patch_nums[-1]}")
+    check(all(0 <= c < cfg.model.num_classes for c in cfg.sample_classes),
+          f"sample_classes must lie in [0, {cfg.model.num_classes})")
+    for name, stage, ckpt in (("tokenizer", cfg.tokenizer_train, cfg.tokenizer_ckpt),
+                              ("var", cfg.var_train, cfg.var_ckpt)):
+        if ckpt is not None:
+            check(os.path.exists(ckpt), f"{name}_ckpt {ckpt!r} does not exist")
+            continue
+        check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
+        sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
+    sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
+                         "samples_per_class * len(sample_classes)")
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        sharding.check_batch(cfg.eval_samples_per_class * cfg.model.num_classes, mesh,
+                             "eval_samples_per_class * model.num_classes")
+
+
+def tokenizer_loss(model: MultiScaleVQVAE, batch, key):
+    images = to_float(batch["image"])
+    recon, aux = model(images)
+    mse = jnp.mean((recon - images) ** 2)
+    return mse + aux["quant"], {"mse": mse, "quant": aux["quant"]}
+
+
+def split_scales(codes: jax.Array, patch_nums) -> list[jax.Array]:
+    """Flat codes [B, L] -> per-scale [B, pn^2]."""
+    return jnp.split(codes, np.cumsum([p * p for p in patch_nums])[:-1], axis=1)
+
+
+def make_var_loss(quantizer):
+    """Teacher forcing over all scales; the inputs are rebuilt from the codes by the frozen
+    quantiser (codebook + Phi, a few hundred K parameters baked into the step)."""
+    q_graphdef, q_params = quantizer
+
+    def loss(model: VAR, batch, key):
+        patch = model.cfg.patch_nums
+        codes = batch["codes"]
+        inputs = bind(q_graphdef, q_params).teacher_inputs(split_scales(codes, patch),
+                                                           patch[-1])
+        logits = model(batch["label"], jax.lax.stop_gradient(inputs), key=key)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+        last = patch[-1] ** 2
+        return ce.mean(), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == codes),
+                           "last_scale_ce": ce[:, -last:].mean()}
+    return loss
+
+
+def make_generator(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig):
+    """labels -> (images uint8, flat codes, stats): the whole sampler incl. the decoder in one
+    jit, labels and outputs sharded over the batch."""
+    batch = sharding.batch_sharding(mesh)
+
+    def fn(p, vp, key, labels):
+        images, codes, stats = var_sampling.sample(graphdef, p, vae_graphdef, vp, key, labels,
+                                                   sample_cfg)
+        return images, jnp.concatenate(codes, axis=1), stats
+
+    sampler = jax.jit(fn, out_shardings=(batch, batch, sharding.replicated(mesh)))
+
+    def generate(params, labels: np.ndarray, key):
+        t0 = time.perf_counter()
+        images, codes, stats = sampler(params, vae_params, key, sharding.to_global(labels, mesh))
+        jax.block_until_ready(images)
+        seconds = time.perf_counter() - t0
+        return (to_uint8(np.asarray(images)), np.asarray(codes),
+                {"seconds": seconds, "forward_passes": int(stats.forward_passes)})
+
+    return generate
+
+
+def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
+    """The whole pipeline; returns a summary dict (also written to workdir/summary.json)."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    validate(cfg, mesh)
+    train_source = open_source(cfg.data, "train")
+    summary: dict = {}
+
+    vae_fn = lambda: MultiScaleVQVAE(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
+    if cfg.tokenizer_ckpt:
+        vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
+        vae_params = load_vae(cfg.tokenizer_ckpt, cfg.tokenizer)
+    else:
+        vae_graphdef, vae_params, hist = train_stage("tokenizer", vae_fn, tokenizer_loss,
+                                                     cfg.tokenizer_train, train_source,
+                                                     cfg.seed, mesh, workdir, progress)
+        if hist:
+            summary["tokenizer/final_mse"] = hist[-1].get("train/mse")
+
+    model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
+    graphdef = split(nnx.eval_shape(model_fn))[0]
+    generate = make_generator(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
+    score = None
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        from arjax.evaluate import evaluate_digits
+        from arjax.metrics.digits import DigitsEvaluator
+
+        evaluator = DigitsEvaluator.load()
+        eval_labels = np.repeat(np.arange(cfg.model.num_classes, dtype=np.int32),
+                                cfg.eval_samples_per_class)
+
+        def score(params) -> dict:
+            images, _, _ = generate(params, eval_labels, jax.random.key(cfg.seed + 1))
+            return evaluate_digits(images, eval_labels, train_source.images, evaluator)
+
+    if cfg.var_ckpt:
+        params = load_var(cfg.var_ckpt, cfg.model)
+    else:
+        encode = jax.jit(lambda p, x: jnp.concatenate(
+            bind(vae_graphdef, p).encode(to_float(x)), axis=1))
+        codes = extract_codes(lambda images: encode(vae_params, images), train_source,
+                              cfg.encode_batch, f"{workdir}/codes_train.npz" if workdir else None)
+        quantizer = split(bind(vae_graphdef, vae_params).quantize)
+        _, params, hist = train_stage(
+            "var", model_fn, make_var_loss(quantizer), cfg.var_train, codes, cfg.seed, mesh,
+            workdir, progress, evaluate=(lambda state: score(state.params)) if score else None)
+        train_logs = [h for h in hist if "train/loss" in h]
+        if train_logs:
+            summary.update({"var/final_loss": train_logs[-1]["train/loss"],
+                            "var/steps_per_s": train_logs[-1]["time/steps_per_s"]})
+    summary["var/params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    if score:
+        summary.update({f"eval/{k}": v for k, v in score(params).items()})
+
+    labels = np.repeat(np.asarray(cfg.sample_classes, np.int32), cfg.samples_per_class)
+    generate(params, labels, jax.random.key(cfg.seed))  # compile for this batch size
+    images, flat_codes, stats = generate(params, labels, jax.random.key(cfg.seed))
+    summary.update({"sample/seconds": stats["seconds"], "sample/images": len(labels),
+                    "sample/forward_passes": stats["forward_passes"]})
+    if workdir:
+        save_samples(workdir, images, labels, cfg.samples_per_class, cfg.var_train.steps,
+                     summary, cfg, codes=flat_codes)
+    summary["images"] = images
+    summary["labels"] = labels
+    return summary
+
+
+def main(argv: Sequence[str]) -> None:
+    cfg, args = cfglib.from_argv(PRESETS, argv, __doc__)
+    workdir = args.workdir or f"runs/var_{args.config}"
+    summary = run(cfg, workdir)
+    printable = {k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}
+    print(json.dumps(printable, indent=1))
+    print(f"samples: {workdir}/samples.png (one row per class)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
