@@ -91,3 +91,47 @@ def save_samples(workdir: str, images: np.ndarray, labels: np.ndarray, per_row: 
     writer.close()
     with open(f"{workdir}/summary.json", "w") as f:
         json.dump({"config": cfglib.to_dict(config), **summary}, f, indent=1)
+
+
+def digits_scorer(generate, num_classes: int, per_class: int, seed: int, reference_images):
+    """params -> digits metrics of `per_class` class-balanced samples from
+    `generate(params, labels, key) -> (uint8 images, ...)` (FID-digits, class accuracy, ...)."""
+    from arjax.evaluate import evaluate_digits
+    from arjax.metrics.digits import DigitsEvaluator
+
+    evaluator = DigitsEvaluator.load()
+    labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+
+    def score(params) -> dict:
+        images = generate(params, labels, jax.random.key(seed + 1))[0]
+        return evaluate_digits(images, labels, reference_images, evaluator)
+    return score
+
+
+def final_samples(generate, params, classes, per_class: int, seed: int, workdir, step: int,
+                  summary: dict, config, array_name: str) -> dict:
+    """Samples `per_class` images of each class (timed after a compiling call), records the
+    sampler's stats under `sample/` and saves everything (`save_samples`)."""
+    labels = np.repeat(np.asarray(classes, np.int32), per_class)
+    generate(params, labels, jax.random.key(seed))  # compile for this batch size
+    images, arrays, stats = generate(params, labels, jax.random.key(seed))
+    summary.update({"sample/images": len(labels),
+                    **{f"sample/{k}": v for k, v in stats.items()}})
+    if workdir:
+        save_samples(workdir, images, labels, per_class, step, summary, config,
+                     **{array_name: arrays})
+    summary["images"] = images
+    summary["labels"] = labels
+    return summary
+
+
+def cli(presets, run, argv, doc: str, name: str) -> None:
+    """`python -m experiments.<name> --config PRESET [--set k=v] [--workdir DIR]`."""
+    from arjax import config as cfglib
+
+    cfg, args = cfglib.from_argv(presets, argv, doc)
+    workdir = args.workdir or f"runs/{name}_{args.config}"
+    summary = run(cfg, workdir)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, np.ndarray)},
+                     indent=1))
+    print(f"samples: {workdir}/samples.png (one row per class)")

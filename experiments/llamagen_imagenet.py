@@ -23,7 +23,6 @@ Speculative / parallel decoding (see arjax/sampling/speculative.py), e.g. on dig
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from arjax.sampling import speculative
 from arjax.sampling.common import SampleConfig
 from arjax.sampling.raster import sample
 from arjax.sampling.speculative import SpeculativeConfig
-from arjax.stages import StageConfig, extract_codes, save_samples, train_stage
+from arjax.stages import StageConfig, cli, digits_scorer, extract_codes, final_samples, train_stage
 from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
 
 
@@ -263,16 +262,8 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
                               cfg.speculative, draft)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        from arjax.evaluate import evaluate_digits
-        from arjax.metrics.digits import DigitsEvaluator
-
-        evaluator = DigitsEvaluator.load()
-        eval_labels = np.repeat(np.arange(cfg.model.num_classes, dtype=np.int32),
-                                cfg.eval_samples_per_class)
-
-        def score(params) -> dict:
-            images, _, _ = generate(params, eval_labels, jax.random.key(cfg.seed + 1))
-            return evaluate_digits(images, eval_labels, train_source.images, evaluator)
+        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
+                              cfg.seed, train_source.images)
 
     if cfg.gpt_ckpt:
         from arjax.convert.llamagen import load_gpt
@@ -296,30 +287,12 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
                              cache("test"))
         summary["gpt/test_loss"] = eval_loss(graphdef, params, test, 256)
 
-    labels = np.repeat(np.asarray(cfg.sample_classes, np.int32), cfg.samples_per_class)
-    generate(params, labels, jax.random.key(cfg.seed))  # compile for this batch size
-    images, tokens, stats = generate(params, labels, jax.random.key(cfg.seed))
-    summary["sample/seconds"] = stats["seconds"]
-    summary["sample/images"] = len(labels)
-    summary["sample/forward_passes"] = stats["forward_passes"]
-    for key in ("mean_accepted_per_round", "first_draft_acceptance", "draft_passes"):
-        if key in stats:
-            summary[f"sample/{key}"] = stats[key]
-    if workdir:
-        save_samples(workdir, images, labels, cfg.samples_per_class, cfg.gpt_train.steps,
-                     summary, cfg, tokens=tokens)
-    summary["images"] = images
-    summary["labels"] = labels
-    return summary
+    return final_samples(generate, params, cfg.sample_classes, cfg.samples_per_class, cfg.seed,
+                         workdir, cfg.gpt_train.steps, summary, cfg, "tokens")
 
 
 def main(argv: Sequence[str]) -> None:
-    cfg, args = cfglib.from_argv(PRESETS, argv, __doc__)
-    workdir = args.workdir or f"runs/llamagen_{args.config}"
-    summary = run(cfg, workdir)
-    printable = {k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}
-    print(json.dumps(printable, indent=1))
-    print(f"samples: {workdir}/samples.png (one row per class)")
+    cli(PRESETS, run, argv, __doc__, "llamagen")
 
 
 if __name__ == "__main__":

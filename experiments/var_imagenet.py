@@ -16,7 +16,6 @@ all scales (its input is rebuilt from the codes by the frozen quantiser inside t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ from arjax.models.var import VAR, VARConfig, var_config
 from arjax.optim import OptimConfig
 from arjax.sampling import var as var_sampling
 from arjax.sampling.var import VARSampleConfig
-from arjax.stages import StageConfig, extract_codes, save_samples, train_stage
+from arjax.stages import StageConfig, cli, digits_scorer, extract_codes, final_samples, train_stage
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
 
@@ -69,8 +68,8 @@ DIGITS = Config(
                                 optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
     model=VARConfig(depth=4, width=96, heads=4, vocab_size=64, codebook_dim=8,
                     patch_nums=DIGITS_PATCH, num_classes=10, aln_gamma_init=0.5),
-    var_train=StageConfig(steps=1200, batch_size=64, log_every=100, ckpt_every=400,
-                          eval_every=400, optim=OptimConfig(lr=1e-3, warmup_steps=50,
+    var_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=200,
+                          eval_every=300, optim=OptimConfig(lr=1e-3, warmup_steps=50,
                                                             b2=0.95, grad_clip=2.0)),
     sample=VARSampleConfig(cfg=1.5, top_k=0, top_p=1.0),
     samples_per_class=8,
@@ -211,16 +210,8 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     generate = make_generator(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        from arjax.evaluate import evaluate_digits
-        from arjax.metrics.digits import DigitsEvaluator
-
-        evaluator = DigitsEvaluator.load()
-        eval_labels = np.repeat(np.arange(cfg.model.num_classes, dtype=np.int32),
-                                cfg.eval_samples_per_class)
-
-        def score(params) -> dict:
-            images, _, _ = generate(params, eval_labels, jax.random.key(cfg.seed + 1))
-            return evaluate_digits(images, eval_labels, train_source.images, evaluator)
+        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
+                              cfg.seed, train_source.images)
 
     if cfg.var_ckpt:
         params = load_var(cfg.var_ckpt, cfg.model)
@@ -241,26 +232,12 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     if score:
         summary.update({f"eval/{k}": v for k, v in score(params).items()})
 
-    labels = np.repeat(np.asarray(cfg.sample_classes, np.int32), cfg.samples_per_class)
-    generate(params, labels, jax.random.key(cfg.seed))  # compile for this batch size
-    images, flat_codes, stats = generate(params, labels, jax.random.key(cfg.seed))
-    summary.update({"sample/seconds": stats["seconds"], "sample/images": len(labels),
-                    "sample/forward_passes": stats["forward_passes"]})
-    if workdir:
-        save_samples(workdir, images, labels, cfg.samples_per_class, cfg.var_train.steps,
-                     summary, cfg, codes=flat_codes)
-    summary["images"] = images
-    summary["labels"] = labels
-    return summary
+    return final_samples(generate, params, cfg.sample_classes, cfg.samples_per_class, cfg.seed,
+                         workdir, cfg.var_train.steps, summary, cfg, "codes")
 
 
 def main(argv: Sequence[str]) -> None:
-    cfg, args = cfglib.from_argv(PRESETS, argv, __doc__)
-    workdir = args.workdir or f"runs/var_{args.config}"
-    summary = run(cfg, workdir)
-    printable = {k: v for k, v in summary.items() if not isinstance(v, np.ndarray)}
-    print(json.dumps(printable, indent=1))
-    print(f"samples: {workdir}/samples.png (one row per class)")
+    cli(PRESETS, run, argv, __doc__, "var")
 
 
 if __name__ == "__main__":
