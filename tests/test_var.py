@@ -140,3 +140,15 @@ def test_bad_sample_config(bad, match):
         jax.jit(var_sampling.sample, static_argnames="cfg")(
             *model, *vae, jax.random.key(0), jnp.zeros((1,), jnp.int32),
             var_sampling.VARSampleConfig(**bad))
+
+
+def test_stochastic_depth_only_with_a_key():
+    cfg = VARConfig(**{**TINY_VAR.__dict__, "drop_path": 0.5})
+    graphdef, params = randomised(lambda: VAR(cfg, rngs=nnx.Rngs(0)), 3)
+    model = bind(graphdef, params)
+    labels, inputs = jnp.array([1, 2, 3, 4]), jax.random.normal(jax.random.key(0), (4, 29, 4))
+    plain = model(labels, inputs)
+    dropped = model(labels, inputs, key=jax.random.key(1))
+    assert not np.allclose(plain, dropped, atol=1e-4)  # some blocks skipped for some rows
+    no_drop = bind(randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3)[0], params)
+    np.testing.assert_allclose(no_drop(labels, inputs, key=jax.random.key(1)), plain, atol=1e-5)

@@ -37,6 +37,7 @@ class VARConfig:
     shared_aln: bool = False  # d36: one AdaLN projection shared by all blocks
     attn_l2_norm: bool = True
     label_drop: float = 0.1  # cond_drop_rate
+    drop_path: float = 0.0  # stochastic depth of the last block (linear from 0; official 0.1 d/24)
     norm_eps: float = 1e-6
     aln_gamma_init: float = 1e-3  # alng: scale of the gate rows of ada_lin at init
 
@@ -55,7 +56,8 @@ class VARConfig:
     def validate(self) -> None:
         check(self.dim % self.num_heads == 0,
               f"VAR width {self.dim} must be divisible by heads {self.num_heads}")
-        check(0 <= self.label_drop < 1, "label_drop must be in [0, 1)")
+        check(0 <= self.label_drop < 1 and 0 <= self.drop_path < 1,
+              "label_drop and drop_path must be in [0, 1)")
         check(self.patch_nums[0] == 1 and all(
             a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])),
               f"patch_nums must start at 1 and increase, got {self.patch_nums}")
@@ -64,7 +66,7 @@ class VARConfig:
 def var_config(depth: int, **overrides) -> VARConfig:
     """Official VAR-d{16,20,24,30} (256 px) and d36 (512 px, shared AdaLN)."""
     alng = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}.get(depth, 1e-3)
-    base = dict(depth=depth, aln_gamma_init=alng)
+    base = dict(depth=depth, aln_gamma_init=alng, drop_path=0.1 * depth / 24)
     if depth == 36:
         base.update(shared_aln=True, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
     return VARConfig(**{**base, **overrides})
@@ -158,16 +160,22 @@ class AdaLNBlock(nnx.Module):
             mods = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
         return [mods[:, :, i] for i in range(6)]
 
-    def _residual(self, x, cond, attn):
-        """attn: normalised input -> (output, aux); returns (x, aux)."""
+    def _residual(self, x, cond, attn, drop=None):
+        """attn: normalised input -> (output, aux); returns (x, aux). `drop` = (key, rate):
+        stochastic depth per sample on both branches (training)."""
         g1, g2, s1, s2, b1, b2 = self.modulation(cond)
         eps = self.cfg.norm_eps
+        keep = lambda branch, k: branch
+        if drop is not None and drop[1] > 0:
+            key, rate = drop
+            keep = lambda branch, k: branch * jax.random.bernoulli(
+                jax.random.fold_in(key, k), 1 - rate, (x.shape[0], 1, 1)) / (1 - rate)
         out, aux = attn(layer_norm(x, eps) * (1 + s1) + b1)
-        x = x + g1 * out
-        return x + g2 * self.ffn(layer_norm(x, eps) * (1 + s2) + b2), aux
+        x = x + keep(g1 * out, 0)
+        return x + keep(g2 * self.ffn(layer_norm(x, eps) * (1 + s2) + b2), 1), aux
 
-    def __call__(self, x, cond, mask):
-        return self._residual(x, cond, lambda h: (self.attn(h, mask), None))[0]
+    def __call__(self, x, cond, mask, drop=None):
+        return self._residual(x, cond, lambda h: (self.attn(h, mask), None), drop)[0]
 
     def decode(self, x, cond, cache, begin: int, end: int):
         return self._residual(x, cond, lambda h: self.attn.decode(h, cache, begin, end))
@@ -232,7 +240,8 @@ class VAR(nnx.Module):
 
     def __call__(self, labels, inputs, *, key=None):
         """Teacher forcing: labels [B], inputs [B, L - pn0^2, Cv] -> logits [B, L, V].
-        With `key` (training) labels drop to the null class with rate label_drop."""
+        With `key` (training) labels drop to the null class with rate label_drop and blocks
+        are skipped per sample with rates rising linearly to drop_path (stochastic depth)."""
         if key is not None and self.cfg.label_drop > 0:
             drop = jax.random.bernoulli(key, self.cfg.label_drop, labels.shape)
             labels = jnp.where(drop, self.cfg.num_classes, labels)
@@ -240,8 +249,10 @@ class VAR(nnx.Module):
         x = jnp.concatenate([self.embed(cond, None, 0), self.embed(cond, inputs, 1)], axis=1)
         lv = self.levels
         mask = jnp.asarray(lv[:, None] >= lv[None, :])  # block-causal over scales
-        for block in self.blocks:
-            x = block(x, block_cond, mask)
+        rates = np.linspace(0, self.cfg.drop_path, self.cfg.depth)
+        for i, block in enumerate(self.blocks):
+            drop = None if key is None else (jax.random.fold_in(key, i + 1), float(rates[i]))
+            x = block(x, block_cond, mask, drop)
         return self.logits(x, cond)
 
     def init_cache(self, batch: int):
