@@ -42,6 +42,7 @@ from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
 from arjax.optim import OptimConfig
 from arjax.sampling import speculative
+from arjax.sampling.acceptance import nearest_codes
 from arjax.sampling.common import SampleConfig
 from arjax.sampling.raster import sample
 from arjax.sampling.speculative import SpeculativeConfig
@@ -190,8 +191,10 @@ def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleCon
     speculate = spec is not None and spec.draft_len > 0
     if speculate:
         codes = bind(vq_graphdef, vq_params).quantize.codebook()
+        neighbours = (jax.jit(nearest_codes, static_argnums=1)(codes, spec.neighbours)
+                      if spec.accept == "relaxed" else None)  # once, not per call
         fn = lambda p, k, y: speculative.sample(graphdef, p, k, y, sample_cfg, spec, draft,
-                                                codes)
+                                                codes, neighbours)
     else:
         fn = lambda p, k, y: sample(graphdef, p, k, y, sample_cfg)
     sampler = jax.jit(fn, out_shardings=(batch, sharding.replicated(mesh)))

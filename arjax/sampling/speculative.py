@@ -103,11 +103,13 @@ def _nonempty(residual, fallback):
     return jnp.where(residual.sum(-1, keepdims=True) > 0, residual, fallback)
 
 
-def make_rule(cfg: SpeculativeConfig, codes: jax.Array | None):
+def make_rule(cfg: SpeculativeConfig, codes: jax.Array | None,
+              neighbours: jax.Array | None = None):
     if cfg.accept == "group":
         return Grouped(cfg.group_window, cfg.group_p, cfg.group_dist, codes)
     if cfg.accept == "relaxed":
-        return Relaxed(nearest_codes(codes, cfg.neighbours), cfg.delta)
+        return Relaxed(nearest_codes(codes, cfg.neighbours) if neighbours is None
+                       else neighbours, cfg.delta)
     return Exact()
 
 
@@ -159,19 +161,24 @@ def verify_chains(ps, qs, drafts, key):
 
 
 def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConfig,
-           cfg: SpeculativeConfig, draft=None, codes: jax.Array | None = None
-           ) -> tuple[jax.Array, SpeculativeStats]:
+           cfg: SpeculativeConfig, draft=None, codes: jax.Array | None = None,
+           neighbours: jax.Array | None = None) -> tuple[jax.Array, SpeculativeStats]:
     """Samples int32 tokens [B, L]; for lossless methods exactly the distribution of
     `raster.sample(graphdef, params, key, labels, scfg)`. `draft` = (graphdef, params) of the
-    draft GPT (drafter="model"); `codes` [V, D] are the tokenizer's code vectors
-    (accept="relaxed", optional for "group")."""
+    draft GPT (drafter="model"); `codes` [V, D] are the tokenizer's code vectors (optional for
+    accept="group"); accept="relaxed" needs `neighbours` = `nearest_codes(codes,
+    cfg.neighbours)` (pass it precomputed: an O(V^2) table is otherwise rebuilt at every call)
+    or `codes`."""
     target = bind(graphdef, params)
     length, vocab, grid = target.cfg.seq_len, target.cfg.vocab_size, target.cfg.grid
     scfg.validate(vocab)
     cfg.validate()
     check(cfg.drafter != "model" or draft is not None, "drafter='model' needs a draft model")
-    check(cfg.accept != "relaxed" or codes is not None,
-          "accept='relaxed' (LANTERN) needs the tokenizer's code vectors (codes=...)")
+    check(cfg.accept != "relaxed" or codes is not None or neighbours is not None,
+          "accept='relaxed' (LANTERN) needs the tokenizer's code vectors (codes=...) or "
+          "their nearest_codes table (neighbours=...)")
+    check(neighbours is None or neighbours.shape[0] == vocab,
+          f"neighbours must have one row per token ({vocab})")
     check(codes is None or codes.shape[0] == vocab,
           f"codes must have one row per token ({vocab}), got {codes is not None and codes.shape}")
     batch, k, K = labels.shape[0], cfg.num_drafts, cfg.draft_len
@@ -194,7 +201,7 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConf
         drafter = ModelDrafter(model, with_null(labels, model.cfg.num_classes), guide, K, k)
     else:
         drafter = JacobiDrafter(vocab, grid, K, cfg.init)
-    rule = make_rule(cfg, codes)
+    rule = make_rule(cfg, codes, neighbours)
 
     key_init, key_loop = jax.random.split(key)
 
