@@ -16,11 +16,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from arjax import config as cfglib
+from arjax import sharding
 from arjax.data import Batches
 from arjax.data.sources import ArraySource
+from arjax.images import save_grid
 from arjax.models import split
 from arjax.optim import OptimConfig, make_optimizer
 from arjax.train import fit, init_state, make_train_step
+from arjax.writer import MetricWriter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +77,23 @@ def extract_codes(encode, source, batch: int, cache_path: str | None) -> CodesSo
     return CodesSource(codes, labels, source.num_classes)
 
 
+def check_sampling(cfg, num_classes: int, mesh) -> None:
+    """The sampling fields every experiment config has (sample_classes, samples_per_class,
+    eval_samples_per_class, data.name): classes in range, batches that fill the mesh."""
+    cfglib.check(all(0 <= c < num_classes for c in cfg.sample_classes),
+                 f"sample_classes must lie in [0, {num_classes})")
+    sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
+                         "samples_per_class * len(sample_classes)")
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        sharding.check_batch(cfg.eval_samples_per_class * num_classes, mesh,
+                             "eval_samples_per_class * model.num_classes")
+
+
 def save_samples(workdir: str, images: np.ndarray, labels: np.ndarray, per_row: int,
                  step: int, summary: dict, config, **arrays) -> None:
     """The end of every sampling pipeline: `samples.png` (one row per class), `samples.npz`
     (images, labels and `arrays`), TensorBoard (`sample_tb`: the grid and numeric summary
     values) and `summary.json` (config + summary)."""
-    from arjax import config as cfglib
-    from arjax.images import save_grid
-    from arjax.writer import MetricWriter
-
     grid = save_grid(f"{workdir}/samples.png", images, per_row,
                      scale=max(1, 128 // images.shape[1]))
     np.savez(f"{workdir}/samples.npz", images=images, labels=labels, **arrays)
@@ -127,8 +139,6 @@ def final_samples(generate, params, classes, per_class: int, seed: int, workdir,
 
 def cli(presets, run, argv, doc: str, name: str) -> None:
     """`python -m experiments.<name> --config PRESET [--set k=v] [--workdir DIR]`."""
-    from arjax import config as cfglib
-
     cfg, args = cfglib.from_argv(presets, argv, doc)
     workdir = args.workdir or f"runs/{name}_{args.config}"
     summary = run(cfg, workdir)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arjax.models import split
-from arjax.models.raster_ar import gpt_config, param_count
+from arjax.models import param_count, split
+from arjax.models.raster_ar import gpt_config
 from arjax.sampling.common import SampleConfig
 from arjax.sampling.raster import sample
 

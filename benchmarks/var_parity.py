@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arjax.convert import torch_io
 from arjax.convert import var as var_convert
 from arjax.models import bind, split
 from arjax.models.var import VAR, var_config
@@ -27,10 +28,9 @@ from arjax.tokenizers.msvq import VAR_VAE, MultiScaleVQVAE
 
 
 def random_params(module_fn, seed: int, scale: float):
-    abstract = jax.eval_shape(lambda: split(module_fn())[1])
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda a: (rng.normal(size=a.shape) * scale).astype(np.float32),
-                        abstract)
+                        torch_io.abstract_params(module_fn))
 
 
 def main(argv=None) -> None:

@@ -38,15 +38,23 @@ from arjax import config as cfglib
 from arjax import sharding
 from arjax.data import DataConfig, open_source
 from arjax.images import to_float, to_uint8
-from arjax.models import bind, split
-from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config, param_count
+from arjax.models import bind, param_count, split
+from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config
 from arjax.optim import OptimConfig
 from arjax.sampling import speculative
 from arjax.sampling.acceptance import nearest_codes
 from arjax.sampling.common import SampleConfig
 from arjax.sampling.raster import sample
 from arjax.sampling.speculative import SpeculativeConfig
-from arjax.stages import StageConfig, cli, digits_scorer, extract_codes, final_samples, train_stage
+from arjax.stages import (
+    StageConfig,
+    check_sampling,
+    cli,
+    digits_scorer,
+    extract_codes,
+    final_samples,
+    train_stage,
+)
 from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
 
 
@@ -124,8 +132,6 @@ def validate(cfg: Config, mesh) -> None:
     check(cfg.model.grid == latent,
           f"model.grid={cfg.model.grid} but the tokenizer gives {latent}x{latent} codes for "
           f"{cfg.data.image_size}px images; set model.grid={latent}")
-    check(all(0 <= c < cfg.model.num_classes for c in cfg.sample_classes),
-          f"sample_classes must lie in [0, {cfg.model.num_classes})")
     for name, stage in (("tokenizer_train", cfg.tokenizer_train), ("gpt_train", cfg.gpt_train)):
         check(stage.steps >= 0, f"{name}.steps must be >= 0")
         if stage.steps:
@@ -149,11 +155,7 @@ def validate(cfg: Config, mesh) -> None:
           "no GPT: set gpt_ckpt=/path/c2i_B_256.pt or gpt_train.steps > 0")
     for path in (cfg.tokenizer_ckpt, cfg.gpt_ckpt):
         check(path is None or os.path.exists(path), f"checkpoint file {path!r} does not exist")
-    sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
-                         "samples_per_class * len(sample_classes)")
-    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        sharding.check_batch(cfg.eval_samples_per_class * cfg.model.num_classes, mesh,
-                             "eval_samples_per_class * model.num_classes")
+    check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
 def tokenizer_loss(model: VQTokenizer, batch, key):

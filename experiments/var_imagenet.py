@@ -32,12 +32,20 @@ from arjax import sharding
 from arjax.convert.var import load_vae, load_var
 from arjax.data import DataConfig, open_source
 from arjax.images import to_float, to_uint8
-from arjax.models import bind, split
+from arjax.models import bind, param_count, split
 from arjax.models.var import VAR, VARConfig, var_config
 from arjax.optim import OptimConfig
 from arjax.sampling import var as var_sampling
 from arjax.sampling.var import VARSampleConfig
-from arjax.stages import StageConfig, cli, digits_scorer, extract_codes, final_samples, train_stage
+from arjax.stages import (
+    StageConfig,
+    check_sampling,
+    cli,
+    digits_scorer,
+    extract_codes,
+    final_samples,
+    train_stage,
+)
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
 
@@ -118,8 +126,6 @@ def validate(cfg: Config, mesh) -> None:
           f"the last scale must be the latent side: {cfg.data.image_size}px / "
           f"{cfg.tokenizer.downsample} = {latent}, got patch_nums[-1]="
           f"{cfg.tokenizer.patch_nums[-1]}")
-    check(all(0 <= c < cfg.model.num_classes for c in cfg.sample_classes),
-          f"sample_classes must lie in [0, {cfg.model.num_classes})")
     for name, stage, ckpt in (("tokenizer", cfg.tokenizer_train, cfg.tokenizer_ckpt),
                               ("var", cfg.var_train, cfg.var_ckpt)):
         if ckpt is not None:
@@ -127,11 +133,7 @@ def validate(cfg: Config, mesh) -> None:
             continue
         check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
         sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
-    sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
-                         "samples_per_class * len(sample_classes)")
-    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        sharding.check_batch(cfg.eval_samples_per_class * cfg.model.num_classes, mesh,
-                             "eval_samples_per_class * model.num_classes")
+    check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
 def tokenizer_loss(model: MultiScaleVQVAE, batch, key):
@@ -228,7 +230,7 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         if train_logs:
             summary.update({"var/final_loss": train_logs[-1]["train/loss"],
                             "var/steps_per_s": train_logs[-1]["time/steps_per_s"]})
-    summary["var/params"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    summary["var/params"] = param_count(params)
     if score:
         summary.update({f"eval/{k}": v for k, v in score(params).items()})
 

@@ -4,12 +4,11 @@ trip through a real torch file."""
 import jax
 import numpy as np
 import pytest
-from conftest import official_shapes
+from conftest import official_shapes, random_params
 from flax import nnx
 
 from arjax.convert import var as var_convert
 from arjax.convert.torch_io import CheckpointMismatch
-from arjax.models import split
 from arjax.models.var import VAR, VARConfig, var_config
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
@@ -76,12 +75,6 @@ TINY_VAR = VARConfig(depth=2, width=32, heads=2, vocab_size=16, codebook_dim=4,
                      patch_nums=(1, 2, 4), num_classes=5)
 TINY_VAE = MSVQConfig(codebook_size=16, codebook_dim=4, patch_nums=(1, 2, 4), ch=8,
                       ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4)
-
-
-def random_params(module_fn, seed):
-    abstract = jax.eval_shape(lambda: split(module_fn())[1])
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), abstract)
 
 
 @pytest.mark.parametrize("kind", ["var", "vae"])

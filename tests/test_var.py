@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params
 from flax import nnx
 
 from arjax.config import ConfigError
@@ -23,12 +24,8 @@ TINY_VAR = VARConfig(depth=2, width=32, heads=2, vocab_size=16, codebook_dim=4,
 
 
 def randomised(module_fn, seed, scale=0.3):
-    """(graphdef, params) with every weight random (zero-init gates would hide bugs); drawn
-    in numpy from the abstract shapes, which is instant (a jitted init compiles for ~30 s)."""
-    graphdef, abstract = split(nnx.eval_shape(module_fn))
-    rng = np.random.default_rng(seed)
-    return graphdef, jax.tree.map(
-        lambda a: jnp.asarray(rng.normal(size=a.shape) * scale, jnp.float32), abstract)
+    """(graphdef, params) with every weight random (zero-init gates would hide bugs)."""
+    return split(nnx.eval_shape(module_fn))[0], random_params(module_fn, seed, scale)
 
 
 def test_official_sizes_and_phi_tables():

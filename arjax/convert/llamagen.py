@@ -7,11 +7,9 @@ module paths mirror them, so the mapping is mechanical: `/` -> `.`, Dense/Conv `
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from arjax.convert import torch_io
-from arjax.models import split
 from arjax.models.raster_ar import RasterAR, RasterARConfig
 from arjax.tokenizers.vq import VQConfig, VQTokenizer
 
@@ -26,17 +24,13 @@ def torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transfo
     return torch_io.default_torch_name(path, shape)
 
 
-def _abstract(module_fn):
-    return jax.eval_shape(lambda: split(module_fn())[1])
-
-
 def gpt_params_from_torch(state_dict, cfg: RasterARConfig):
-    abstract = _abstract(lambda: RasterAR(cfg, rngs=nnx.Rngs(0)))
+    abstract = torch_io.abstract_params(lambda: RasterAR(cfg, rngs=nnx.Rngs(0)))
     return torch_io.convert(state_dict, abstract, torch_name, ignore=GPT_BUFFERS)
 
 
 def vq_params_from_torch(state_dict, cfg: VQConfig):
-    abstract = _abstract(lambda: VQTokenizer(cfg, rngs=nnx.Rngs(0)))
+    abstract = torch_io.abstract_params(lambda: VQTokenizer(cfg, rngs=nnx.Rngs(0)))
     return torch_io.convert(state_dict, abstract, torch_name, ignore=VQ_BUFFERS)
 
 

@@ -89,6 +89,16 @@ def default_torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, Transfor
 INVERSE = {linear: linear, conv: conv_inverse, identity: identity}
 
 
+def abstract_params(module_fn) -> Any:
+    """The params pytree (shapes only, nothing allocated) of the module `module_fn` builds:
+    the target `convert` fills."""
+    import jax
+
+    from arjax.models import split
+
+    return jax.eval_shape(lambda: split(module_fn())[1])
+
+
 def convert(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
             name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]],
             ignore: Sequence[str] = ()) -> Any:

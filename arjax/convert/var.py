@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import re
 
-import jax
 from flax import nnx
 
 from arjax.convert import torch_io
-from arjax.models import split
 from arjax.models.var import VAR, VARConfig
 from arjax.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
 
@@ -38,17 +36,13 @@ def var_buffers(cfg: VARConfig) -> tuple[str, ...]:
 VAE_BUFFERS = ("quantize.ema_vocab_hit_SV",)
 
 
-def _abstract(module_fn):
-    return jax.eval_shape(lambda: split(module_fn())[1])
-
-
 def var_params_from_torch(state_dict, cfg: VARConfig):
-    abstract = _abstract(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
+    abstract = torch_io.abstract_params(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
     return torch_io.convert(state_dict, abstract, var_torch_name, ignore=var_buffers(cfg))
 
 
 def vae_params_from_torch(state_dict, cfg: MSVQConfig):
-    abstract = _abstract(lambda: MultiScaleVQVAE(cfg, rngs=nnx.Rngs(0)))
+    abstract = torch_io.abstract_params(lambda: MultiScaleVQVAE(cfg, rngs=nnx.Rngs(0)))
     return torch_io.convert(state_dict, abstract, vae_torch_name, ignore=VAE_BUFFERS)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import numpy as np
 from flax import nnx
 
 
@@ -18,3 +20,7 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
 
 def bind(graphdef: nnx.GraphDef, params: dict[str, Any]) -> Any:
     return nnx.merge(graphdef, params, copy=False)
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

@@ -177,7 +177,3 @@ class RasterAR(nnx.Module):
 @functools.lru_cache(maxsize=16)
 def _rope_table(grid: int, head_dim: int, base: float) -> np.ndarray:
     return rope_2d_table(grid, head_dim, base, prefix=1)
-
-
-def param_count(params) -> int:
-    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
