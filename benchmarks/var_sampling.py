@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arjax.models import split
+from arjax.models import bind, split
 from arjax.models.var import VAR, var_config
 from arjax.sampling import var as var_sampling
 from arjax.tokenizers.msvq import VAR_VAE, MultiScaleVQVAE
@@ -45,7 +45,16 @@ def time_arjax(depth: int, batch: int, repeats: int) -> tuple[float, float]:
     return median_time(run, repeats), compile_s
 
 
-def time_official(repo: str, depth: int, batch: int, repeats: int) -> float:
+def time_arjax_decode(batch: int, repeats: int) -> float:
+    """The VAE decoder alone (f_hat -> 256-px images), the other half of the cost."""
+    vae_graphdef, vae_params = split(MultiScaleVQVAE(VAR_VAE, rngs=nnx.Rngs(1)))
+    fn = jax.jit(lambda vp, f: bind(vae_graphdef, vp).decode_f_hat(f))
+    f_hat = jax.random.normal(jax.random.key(0), (batch, 16, 16, VAR_VAE.codebook_dim))
+    jax.block_until_ready(fn(vae_params, f_hat))
+    return median_time(lambda: jax.block_until_ready(fn(vae_params, f_hat)), repeats)
+
+
+def time_official(repo: str, depth: int, batch: int, repeats: int) -> tuple[float, float]:
     import torch
 
     sys.path.insert(0, repo)
@@ -61,9 +70,10 @@ def time_official(repo: str, depth: int, batch: int, repeats: int) -> float:
     run = lambda: var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, cfg=SAMPLE.cfg,
                                                top_k=SAMPLE.top_k, top_p=SAMPLE.top_p,
                                                more_smooth=False)
+    f_hat = torch.randn(batch, VAR_VAE.codebook_dim, 16, 16)
     with torch.inference_mode():
         run()  # warm-up
-        return median_time(run, repeats)
+        return median_time(run, repeats), median_time(lambda: vae.fhat_to_img(f_hat), repeats)
 
 
 def main(argv=None) -> None:
@@ -79,10 +89,11 @@ def main(argv=None) -> None:
         ours, compile_s = time_arjax(args.depth, batch, args.repeats)
         line = (f"VAR-d{args.depth} batch {batch}: arjax {ours:.2f} s ({batch / ours:.3f} "
                 f"images/s; compile {compile_s:.1f} s)")
+        line += f", of which VAE decode {time_arjax_decode(batch, args.repeats):.2f} s"
         if args.official:
-            theirs = time_official(args.official, args.depth, batch, args.repeats)
-            line += (f" | official {theirs:.2f} s ({batch / theirs:.3f} images/s) | "
-                     f"speed-up x{theirs / ours:.2f}")
+            theirs, decode = time_official(args.official, args.depth, batch, args.repeats)
+            line += (f" | official {theirs:.2f} s ({batch / theirs:.3f} images/s), of which "
+                     f"VAE decode {decode:.2f} s | speed-up x{theirs / ours:.2f}")
         print(line, flush=True)
 
 
