@@ -23,9 +23,11 @@ def init_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> 
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, dropout: tuple[jax.Array, float] | None = None
+           ) -> jax.Array:
     """q [B,T,H,d], k/v [B,K,S,d], mask [T,S] or [B,T,S] (True = visible; None = all)
-    -> [B,T,H,d]. `scale` defaults to d^-0.5."""
+    -> [B,T,H,d]. `scale` defaults to d^-0.5; `dropout` = (key, rate) drops attention
+    probabilities (training, as torch's SDPA dropout_p)."""
     b, t, h, d = q.shape
     kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
@@ -34,7 +36,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     if mask is not None:
         mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
         logits = jnp.where(mask, logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout is not None and dropout[1] > 0:
+        probs = jnp.where(jax.random.bernoulli(dropout[0], 1 - dropout[1], probs.shape),
+                          probs / (1 - dropout[1]), 0.0)
+    probs = probs.astype(v.dtype)
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 

@@ -13,12 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, prefix: int = 1
-                  ) -> np.ndarray:
-    """float32 [prefix + grid*grid, head_dim // 2, 2] of (cos, sin)."""
+def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, prefix: int = 1,
+                  span: float | None = None) -> np.ndarray:
+    """float32 [prefix + grid*grid, head_dim // 2, 2] of (cos, sin). Positions are 0..grid-1,
+    or i * span / grid with `span` (FlowAR: every scale's grid stretched over the last one's)."""
     half = head_dim // 2
     freqs = 1.0 / (base ** (np.arange(0, half, 2)[: half // 2].astype(np.float32) / half))
-    angles = np.outer(np.arange(grid, dtype=np.float32), freqs)  # [grid, hd/4]
+    positions = np.arange(grid, dtype=np.float32)
+    if span is not None:
+        positions = positions / np.float32(grid) * np.float32(span)
+    angles = np.outer(positions, freqs)  # [grid, hd/4]
     rows = np.broadcast_to(angles[:, None, :], (grid, grid, len(freqs)))
     cols = np.broadcast_to(angles[None, :, :], (grid, grid, len(freqs)))
     table = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, -1)

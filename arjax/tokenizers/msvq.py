@@ -21,7 +21,8 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.resize import resize
-from arjax.tokenizers.vq import Downsample, Level, ResnetBlock, Upsample, conv2d, group_norm
+from arjax.tokenizers.ldm import Decoder, Encoder
+from arjax.tokenizers.vq import conv2d, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,55 +78,6 @@ class Attn(nnx.Module):
         q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
         att = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
         return x + self.proj_out(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
-
-
-def _mid(c, groups, rngs):
-    return nnx.Dict(block_1=ResnetBlock(c, c, groups, rngs=rngs), attn_1=Attn(c, groups, rngs=rngs),
-                    block_2=ResnetBlock(c, c, groups, rngs=rngs))
-
-
-def _run_mid(mid, x):
-    return mid["block_2"](mid["attn_1"](mid["block_1"](x)))
-
-
-class Encoder(nnx.Module):
-    def __init__(self, cfg: MSVQConfig, *, rngs: nnx.Rngs):
-        g, n = cfg.norm_groups, len(cfg.ch_mult)
-        widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = conv2d(3, cfg.ch, 3, rngs)
-        self.down = nnx.List([Level(widths[i], widths[i + 1], cfg.num_res_blocks, i == n - 1,
-                                    Downsample if i < n - 1 else None, g, rngs=rngs,
-                                    attn_block=Attn) for i in range(n)])
-        self.mid = _mid(widths[-1], g, rngs)
-        self.norm_out = group_norm(widths[-1], g, rngs)
-        self.conv_out = conv2d(widths[-1], cfg.codebook_dim, 3, rngs)
-
-    def __call__(self, x):
-        x = self.conv_in(x)
-        for level in self.down:
-            x = level(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(_run_mid(self.mid, x))))
-
-
-class Decoder(nnx.Module):
-    """`up[i]` is indexed by level (up[-1] is the lowest resolution, run first)."""
-
-    def __init__(self, cfg: MSVQConfig, *, rngs: nnx.Rngs):
-        g, n = cfg.norm_groups, len(cfg.ch_mult)
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = conv2d(cfg.codebook_dim, widths[-1], 3, rngs)
-        self.mid = _mid(widths[-1], g, rngs)
-        self.up = nnx.List([Level(widths[min(i + 1, n - 1)], widths[i], cfg.num_res_blocks + 1,
-                                  i == n - 1, Upsample if i > 0 else None, g, rngs=rngs,
-                                  attn_block=Attn) for i in range(n)])
-        self.norm_out = group_norm(widths[0], g, rngs)
-        self.conv_out = conv2d(widths[0], 3, 3, rngs)
-
-    def __call__(self, z):
-        x = _run_mid(self.mid, self.conv_in(z))
-        for level in reversed(self.up):
-            x = level(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
 
 
 class PhiShared(nnx.Module):
@@ -201,8 +153,10 @@ class MultiScaleVQVAE(nnx.Module):
     def __init__(self, cfg: MSVQConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, rngs=rngs)
-        self.decoder = Decoder(cfg, rngs=rngs)
+        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim,
+                               cfg.norm_groups, Attn, rngs=rngs)
+        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim,
+                               cfg.norm_groups, Attn, level_attn=True, rngs=rngs)
         self.quantize = MultiScaleQuantizer(cfg, rngs=rngs)
         c = cfg.codebook_dim
         self.quant_conv = conv2d(c, c, 3, rngs)

@@ -1,0 +1,410 @@
+"""FlowAR (Ren et al. 2025): scale-wise AR transformer + a per-scale flow-matching head.
+
+The latent X [B, s, s, C] of a KL-VAE (scaled) is modelled coarse-to-fine at `scales`
+(1, 2, 4, 8, 16): level k is X area-downsampled to side n_k (a full latent, not a residual).
+The trunk sees the class embedding (token 0) and, for scale k > 0, level k-1 bicubically
+upsampled to side s and area-downsampled to n_k, projected by `z_proj`; it is block-causal over
+scales and produces one condition vector per token. The flow head ("flownet", a small
+transformer inside the scale) transports noise (t = 1) to level k (t = 0) along the straight
+path x_t = (1 - t) x + t eps, predicting the velocity eps - x from that condition.
+
+Trunk blocks: AdaLN from the class embedding (gates, scales, shifts in the order g1, g2, s1,
+s2, b1, b2), weightless float32 RMSNorm (eps 1e-6), qkv with bias, GeGLU MLP (timm SwiGLU with
+exact GELU, hidden int(4 D * 2 / 3)), 2D RoPE applied per scale on that scale's grid with
+positions i * s / n (so every scale spans the same range). The head's blocks are modulated per
+token by SiLU(t_emb + c); `cross` (FlowAR-L/H) adds cross-attention from the head to the
+trunk's vectors. The head's timestep is truncated to an integer of t * 1000 (official).
+Module names follow the official state_dict (`encoder_blocks.{i}`, `flownet.res_blocks.{j}`);
+see `arjax.convert.flowar` for the few renames. Shapes: B batch, L = sum n_k^2 tokens, D trunk
+width, w head width, C latent channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arjax.config import check
+from arjax.nn.attention import attend
+from arjax.nn.layers import RMSNorm, dropout
+from arjax.nn.resize import resize
+from arjax.nn.rope import apply_rope, rope_2d_table
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowARConfig:
+    width: int = 768
+    depth: int = 6  # blocks in each of the two trunk stacks (encoder, decoder)
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    head_width: int = 1024  # flow head width (diffloss_w); its heads have dim 64
+    head_depth: int = 2  # flow head blocks (diffloss_d)
+    cross: bool = False  # flow head blocks with cross-attention to the trunk (FlowAR-L/H)
+    scales: tuple[int, ...] = (1, 2, 4, 8, 16)
+    token_dim: int = 16  # latent channels
+    num_classes: int = 1000
+    label_drop: float = 0.1
+    dropout: float = 0.1  # trunk attention and projection dropout (training)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(n * n for n in self.scales)
+
+    @property
+    def side(self) -> int:
+        return self.scales[-1]
+
+    def validate(self) -> None:
+        check(self.width % self.heads == 0 and (self.width // self.heads) % 4 == 0,
+              f"FlowAR width {self.width} / heads {self.heads} must give a head dim divisible "
+              "by 4 (2D RoPE)")
+        check(self.head_width % 64 == 0, f"head_width must be a multiple of 64, got "
+              f"{self.head_width}")
+        check(self.scales[0] == 1 and all(a < b for a, b in zip(self.scales, self.scales[1:])),
+              f"scales must start at 1 and increase, got {self.scales}")
+        check(0 <= self.label_drop < 1 and 0 <= self.dropout < 1,
+              "label_drop and dropout must be in [0, 1)")
+
+
+def flowar_config(size: str, **overrides) -> FlowARConfig:
+    """Official FlowAR-S / L / H (171.7 / 586.9 / 1913.3 M parameters)."""
+    sizes = {"S": dict(width=768, depth=6, heads=12, head_width=1024, head_depth=2),
+             "L": dict(width=1024, depth=8, heads=16, head_width=1024, head_depth=12,
+                       cross=True),
+             "H": dict(width=1536, depth=15, heads=16, head_width=1536, head_depth=12,
+                       cross=True)}
+    check(size in sizes, f"FlowAR size must be one of {sorted(sizes)}, got {size!r}")
+    return FlowARConfig(**{**sizes[size], **overrides})
+
+
+def scale_bounds(scales) -> list[tuple[int, int]]:
+    ends = np.cumsum([n * n for n in scales])
+    return [(int(e - n * n), int(e)) for n, e in zip(scales, ends)]
+
+
+def rope_tables(scales, head_dim: int) -> list[np.ndarray]:
+    """One [n^2, hd/2, 2] table per scale, positions i * side / n."""
+    return [rope_2d_table(n, head_dim, prefix=0, span=scales[-1]) for n in scales]
+
+
+def pyramid(latents: jax.Array, scales) -> list[jax.Array]:
+    """latents [B, s, s, C] -> level k = area-downsampled to n_k ([B, n_k, n_k, C])."""
+    return [latents if n == latents.shape[1] else resize(latents, n, "area") for n in scales]
+
+
+def next_input(level: jax.Array, side: int, n_next: int) -> jax.Array:
+    """The trunk input of the next scale: level bicubic -> side, area -> n_next; [B, n^2, C]."""
+    x = resize(resize(level, side, "bicubic"), n_next, "area")
+    return x.reshape(x.shape[0], n_next * n_next, -1)
+
+
+def teacher_inputs(latents: jax.Array, scales) -> tuple[list[jax.Array], jax.Array]:
+    """(targets per scale [B, n_k^2, C], trunk inputs for scales 1.. [B, L - 1, C])."""
+    levels = pyramid(latents, scales)
+    targets = [lv.reshape(lv.shape[0], -1, lv.shape[-1]) for lv in levels]
+    side = latents.shape[1]
+    inputs = [next_input(levels[k], side, n) for k, n in enumerate(scales[1:])]
+    return targets, jnp.concatenate(inputs, axis=1)
+
+
+def rms(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """RMSNorm without weight, in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _linear(cin, cout, rngs, bias=True):
+    """Official init: every Linear xavier-uniform with zero bias (FlowAR's final `apply` also
+    re-initialises the flow head's, so its output layer is not zero at init)."""
+    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs,
+                      kernel_init=nnx.initializers.xavier_uniform())
+
+
+def _keys(key, n):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class Mlp(nnx.Module):
+    """timm SwiGLU with exact GELU: fc2(gelu(fc1_g x) * fc1_x x), all with biases."""
+
+    def __init__(self, dim: int, ratio: float, *, rngs: nnx.Rngs):
+        hidden = int(dim * ratio * 2 / 3)
+        self.fc1_g = _linear(dim, hidden, rngs)
+        self.fc1_x = _linear(dim, hidden, rngs)
+        self.fc2 = _linear(hidden, dim, rngs)
+
+    def __call__(self, x, rate=0.0, key=None):
+        k1, k2 = _keys(key, 2)
+        h = dropout(jax.nn.gelu(self.fc1_g(x), approximate=False) * self.fc1_x(x), rate, k1)
+        return dropout(self.fc2(h), rate, k2)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.qkv = _linear(dim, 3 * dim, rngs, bias=qkv_bias)
+        self.proj = _linear(dim, dim, rngs)
+
+    def _qkv(self, x, rope):
+        b, t, c = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads), 2, 0)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def __call__(self, x, rope, mask=None, rate=0.0, key=None):
+        q, k, v = self._qkv(x, rope)
+        k1, k2 = _keys(key, 2)
+        out = attend(q, k, v, mask, dropout=None if k1 is None else (k1, rate))
+        return dropout(self.proj(out.reshape(x.shape)), rate, k2)
+
+    def decode(self, x, rope, cache, begin: int, end: int):
+        """One scale's tokens (positions begin..end-1, static) against the cache."""
+        q, k, v = self._qkv(x, rope)
+        cache = {"k": cache["k"].at[:, :, begin:end].set(k),
+                 "v": cache["v"].at[:, :, begin:end].set(v)}
+        out = attend(q, cache["k"][:, :, :end], cache["v"][:, :, :end], None)
+        return self.proj(out.reshape(x.shape)), cache
+
+
+class Block(nnx.Module):
+    """Trunk block, AdaLN from the class embedding (`ada_lin` = SiLU -> Linear upstream)."""
+
+    def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
+        d = cfg.width
+        self.rate = cfg.dropout
+        self.attn = SelfAttention(d, cfg.heads, qkv_bias=True, rngs=rngs)
+        self.mlp = Mlp(d, cfg.mlp_ratio, rngs=rngs)
+        self.ada_lin = _linear(d, 6 * d, rngs)
+
+    def _residual(self, x, cond, attn, key=None):
+        g1, g2, s1, s2, b1, b2 = jnp.moveaxis(
+            self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1), 2, 0)
+        out, aux = attn(rms(x) * (1 + s1) + b1)
+        x = x + g1 * out
+        return x + g2 * self.mlp(rms(x) * (1 + s2) + b2, self.rate, key), aux
+
+    def __call__(self, x, cond, rope, mask, key=None):
+        k1, k2 = _keys(key, 2)
+        attn = lambda h: (self.attn(h, rope, mask, self.rate, k1), None)
+        return self._residual(x, cond, attn, k2)[0]
+
+    def decode(self, x, cond, rope, cache, begin: int, end: int):
+        return self._residual(x, cond, lambda h: self.attn.decode(h, rope, cache, begin, end))
+
+
+class TimestepEmbedder(nnx.Module):
+    """Sinusoidal [cos, sin] embedding of dim 256 -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.xavier_uniform()
+        self.mlp_0 = nnx.Linear(256, width, rngs=rngs, kernel_init=init)
+        self.mlp_2 = nnx.Linear(width, width, rngs=rngs, kernel_init=init)
+
+    def __call__(self, t):
+        half = 128
+        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+        args = t.astype(jnp.float32)[:, None] * freqs[None]
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        return self.mlp_2(jax.nn.silu(self.mlp_0(emb)))
+
+
+class CrossAttention(nnx.Module):
+    """Head tokens attend to the trunk vectors of the same scale (same grid, RoPE on both)."""
+
+    def __init__(self, dim: int, z_dim: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q = _linear(dim, dim, rngs, bias=False)
+        self.kv = _linear(z_dim, 2 * dim, rngs, bias=False)
+        self.proj = _linear(dim, dim, rngs)
+
+    def context(self, z, rope):
+        """k, v from the trunk vectors: fixed over the ODE steps, so computed once a scale."""
+        b, n, _ = z.shape
+        k, v = jnp.moveaxis(self.kv(z).reshape(b, n, 2, self.heads, -1), 2, 0)
+        return apply_rope(k, rope).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def __call__(self, x, kv, rope):
+        b, n, c = x.shape
+        q = apply_rope(self.q(x).reshape(b, n, self.heads, -1), rope)
+        return self.proj(attend(q, *kv, None).reshape(b, n, c))
+
+
+class HeadBlock(nnx.Module):
+    """Block_v1 (no cross-attention): all six modulations per token from SiLU(t_emb + c)."""
+
+    def __init__(self, width: int, z_dim: int, *, rngs: nnx.Rngs):
+        self.attn = SelfAttention(width, width // 64, qkv_bias=False, rngs=rngs)
+        self.mlp = Mlp(width, 4.0, rngs=rngs)
+        self.ada_lin = _linear(width, 6 * width, rngs)
+
+    def context(self, z, rope):
+        return None
+
+    def __call__(self, x, temb, c, ctx, rope):
+        mods = self.ada_lin(jax.nn.silu(temb + c)).reshape(*c.shape[:2], 6, -1)
+        g1, g2, s1, s2, b1, b2 = jnp.moveaxis(mods, 2, 0)
+        x = x + g1 * self.attn(rms(x) * (1 + s1) + b1, rope)
+        return x + g2 * self.mlp(rms(x) * (1 + s2) + b2)
+
+
+class CrossHeadBlock(nnx.Module):
+    """Block_v2: attention modulated per sample by SiLU(t_emb), cross-attention to the trunk
+    vectors (weighted RMSNorms on both sides), MLP modulated per token by SiLU(c + t_emb)."""
+
+    def __init__(self, width: int, z_dim: int, *, rngs: nnx.Rngs):
+        self.attn = SelfAttention(width, width // 64, qkv_bias=False, rngs=rngs)
+        self.crossattn = CrossAttention(width, z_dim, width // 64, rngs=rngs)
+        self.norm2_1 = RMSNorm(width, eps=1e-6)
+        self.norm2_2 = RMSNorm(z_dim, eps=1e-6)
+        self.mlp = Mlp(width, 4.0, rngs=rngs)
+        self.ada_lin_attn = _linear(width, 3 * width, rngs)
+        self.ada_lin_mlp = _linear(width, 3 * width, rngs)
+
+    def context(self, z, rope):
+        return self.crossattn.context(self.norm2_2(z), rope)
+
+    def __call__(self, x, temb, c, ctx, rope):
+        split3 = lambda m: jnp.moveaxis(m.reshape(*m.shape[:2], 3, -1), 2, 0)
+        g1, s1, b1 = split3(self.ada_lin_attn(jax.nn.silu(temb)))
+        g2, s2, b2 = split3(self.ada_lin_mlp(jax.nn.silu(c + temb)))
+        x = x + g1 * self.attn(rms(x) * (1 + s1) + b1, rope)
+        x = x + self.crossattn(self.norm2_1(x), ctx, rope)
+        return x + g2 * self.mlp(rms(x) * (1 + s2) + b2)
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, width: int, out: int, *, rngs: nnx.Rngs):
+        self.linear = _linear(width, out, rngs)
+        self.adaLN_modulation = _linear(width, 2 * width, rngs)
+
+    def __call__(self, x, c):
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
+        return self.linear(rms(x) * (1 + scale) + shift)
+
+
+class FlowHead(nnx.Module):
+    """v(x_t, t | z): x [B, n, C], t [B] in [0, 1], z [B, n, D] (one scale's trunk vectors)."""
+
+    def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
+        w = cfg.head_width
+        self.time_embed = TimestepEmbedder(w, rngs=rngs)
+        self.cond_embed = _linear(cfg.width, w, rngs)
+        self.input_proj = _linear(cfg.token_dim, w, rngs)
+        block = CrossHeadBlock if cfg.cross else HeadBlock
+        self.res_blocks = nnx.List([block(w, cfg.width, rngs=rngs)
+                                    for _ in range(cfg.head_depth)])
+        self.final_layer = FinalLayer(w, cfg.token_dim, rngs=rngs)
+
+    def context(self, z, rope):
+        """Everything that depends on z only (computed once per scale when sampling)."""
+        return {"c": self.cond_embed(z), "blocks": [b.context(z, rope) for b in self.res_blocks]}
+
+    def velocity(self, x, t, ctx, rope):
+        temb = self.time_embed(jnp.floor(t.astype(jnp.float32) * 1000))[:, None]
+        h = self.input_proj(x)
+        for block, block_ctx in zip(self.res_blocks, ctx["blocks"]):
+            h = block(h, temb, ctx["c"], block_ctx, rope)
+        return self.final_layer(h, ctx["c"] + temb)
+
+    def __call__(self, x, t, z, rope):
+        return self.velocity(x, t, self.context(z, rope), rope)
+
+
+class FlowAR(nnx.Module):
+    def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        d, length = cfg.width, cfg.seq_len
+        normal = lambda: nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, length, d)))
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, d, rngs=rngs,
+                                   embedding_init=nnx.initializers.normal(0.02))
+        self.z_proj = _linear(cfg.token_dim, d, rngs)
+        self.z_proj_ln = RMSNorm(d, eps=1e-6)
+        self.encoder_pos_embed_learned = normal()
+        self.encoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.encoder_norm = RMSNorm(d, eps=1e-6)
+        self.decoder_embed = _linear(d, d, rngs)
+        self.decoder_pos_embed_learned = normal()
+        self.decoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.decoder_norm = RMSNorm(d, eps=1e-6)
+        self.diffusion_pos_embed_learned = normal()
+        self.flownet = FlowHead(cfg, rngs=rngs)
+
+    @property
+    def head_ropes(self) -> list[np.ndarray]:
+        return rope_tables(self.cfg.scales, 64)
+
+    def _trunk(self, x, cond, begin: int, layer):
+        """Embedded tokens x [B, n, D] at positions begin.. through both stacks;
+        `layer(index, block, x) -> x` runs one block (full or cached)."""
+        end = begin + x.shape[1]
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, begin:end])
+        for i, block in enumerate(self.encoder_blocks):
+            x = layer(i, block, x)
+        x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:,
+                                                                                      begin:end]
+        for i, block in enumerate(self.decoder_blocks):
+            x = layer(self.cfg.depth + i, block, x)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, begin:end]
+
+    def drop_labels(self, labels, key):
+        drop = jax.random.bernoulli(key, self.cfg.label_drop, labels.shape)
+        return jnp.where(drop, self.cfg.num_classes, labels)
+
+    def __call__(self, labels, inputs, *, key=None):
+        """Teacher forcing: labels [B] (already label-dropped), inputs [B, L - 1, C] ->
+        trunk vectors z [B, L, D]. With `key`, dropout is on (training)."""
+        cfg = self.cfg
+        cond = self.class_emb(labels)
+        x = jnp.concatenate([cond[:, None], self.z_proj(inputs)], axis=1)
+        levels = np.repeat(np.arange(len(cfg.scales)), [n * n for n in cfg.scales])
+        mask = jnp.asarray(levels[:, None] >= levels[None, :])
+        rope = jnp.asarray(np.concatenate(rope_tables(cfg.scales, cfg.width // cfg.heads)))
+        keys = _keys(key, 2 * cfg.depth)
+        return self._trunk(x, cond, 0, lambda i, blk, h: blk(h, cond, rope, mask, keys[i]))
+
+    def loss(self, labels, latents, key):
+        """Flow-matching loss (training): latents [B, s, s, C] scaled; per scale a uniform t
+        per sample, MSE to the velocity eps - x, weighted by n_k^2 / s^2 and summed."""
+        cfg = self.cfg
+        k_drop, k_trunk, k_flow = jax.random.split(key, 3)
+        targets, inputs = teacher_inputs(latents, cfg.scales)
+        z = self(self.drop_labels(labels, k_drop), inputs, key=k_trunk)
+        total, per_scale = 0.0, {}
+        for k, ((begin, end), rope) in enumerate(zip(scale_bounds(cfg.scales),
+                                                     self.head_ropes)):
+            x = targets[k]
+            k_t, k_eps = jax.random.split(jax.random.fold_in(k_flow, k))
+            t = jax.random.uniform(k_t, (x.shape[0],))
+            eps = jax.random.normal(k_eps, x.shape)
+            xt = (1 - t[:, None, None]) * x + t[:, None, None] * eps
+            v = self.flownet(xt, t, z[:, begin:end], jnp.asarray(rope))
+            per_scale[f"scale_{cfg.scales[k]}"] = jnp.mean((v - (eps - x)) ** 2)
+            total += per_scale[f"scale_{cfg.scales[k]}"] * (end - begin) / cfg.side**2
+        return total, per_scale
+
+    def init_cache(self, batch: int):
+        cfg = self.cfg
+        shape = (batch, cfg.heads, cfg.seq_len, cfg.width // cfg.heads)
+        return [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(2 * cfg.depth)]
+
+    def embed(self, cond, inputs, scale: int):
+        """Scale 0: the class embedding; later: z_proj(next input [B, n^2, C])."""
+        return cond[:, None] if scale == 0 else self.z_proj(inputs)
+
+    def decode_scale(self, x, cond, cache, scale: int):
+        """One scale's embedded tokens [B, n^2, D] against the cache -> (z, cache)."""
+        cfg = self.cfg
+        begin, end = scale_bounds(cfg.scales)[scale]
+        rope = jnp.asarray(rope_tables(cfg.scales, cfg.width // cfg.heads)[scale])
+        new_cache = list(cache)
+
+        def layer(i, block, h):
+            h, new_cache[i] = block.decode(h, cond, rope, cache[i], begin, end)
+            return h
+        return self._trunk(x, cond, begin, layer), new_cache
