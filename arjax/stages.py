@@ -54,15 +54,15 @@ def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed:
 
 
 class CodesSource(ArraySource):
-    """Pre-extracted codes: rows are {"codes": int32 [L], "label"}."""
+    """Pre-extracted codes: rows are {"codes": int32 [L] (or float moments), "label"}."""
 
     def __getitem__(self, indices):
         return {"codes": self.images[indices], "label": self.labels[indices]}
 
 
 def extract_codes(encode, source, batch: int, cache_path: str | None) -> CodesSource:
-    """Tokenizes a whole split once with `encode(uint8 images) -> int codes [B, L]` (jitted
-    by the caller), cached as .npz."""
+    """Tokenizes a whole split once with `encode(uint8 images) -> codes [B, ...]` (jitted by
+    the caller; int codes, or a KL-VAE's float posterior moments), cached as .npz."""
     if cache_path and os.path.exists(cache_path):
         data = np.load(cache_path)
         return CodesSource(data["codes"], data["label"], source.num_classes)
@@ -71,7 +71,7 @@ def extract_codes(encode, source, batch: int, cache_path: str | None) -> CodesSo
         rows = source[np.arange(start, min(start + batch, source.num_examples))]
         codes.append(np.asarray(jax.device_get(encode(rows["image"]))))
         labels.append(rows["label"])
-    codes, labels = np.concatenate(codes).astype(np.int32), np.concatenate(labels)
+    codes, labels = np.concatenate(codes), np.concatenate(labels)
     if cache_path:
         np.savez(cache_path, codes=codes, label=labels)
     return CodesSource(codes, labels, source.num_classes)

@@ -22,6 +22,7 @@ width, w head width, C latent channels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -110,6 +111,17 @@ def teacher_inputs(latents: jax.Array, scales) -> tuple[list[jax.Array], jax.Arr
     side = latents.shape[1]
     inputs = [next_input(levels[k], side, n) for k, n in enumerate(scales[1:])]
     return targets, jnp.concatenate(inputs, axis=1)
+
+
+def flow_matching_loss(velocity, x: jax.Array, key: jax.Array) -> jax.Array:
+    """Per-sample MSE of `velocity(x_t, t)` to eps - x on the straight path
+    x_t = (1 - t) x + t eps, t ~ U(0, 1) per sample (t = 1 is noise); x [B, ...]."""
+    k_t, k_eps = jax.random.split(key)
+    t = jax.random.uniform(k_t, (x.shape[0],))
+    eps = jax.random.normal(k_eps, x.shape)
+    tb = t.reshape(-1, *[1] * (x.ndim - 1))
+    err = velocity((1 - tb) * x + tb * eps, t) - (eps - x)
+    return jnp.mean(err**2, axis=tuple(range(1, x.ndim)))
 
 
 def rms(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -378,13 +390,10 @@ class FlowAR(nnx.Module):
         total, per_scale = 0.0, {}
         for k, ((begin, end), rope) in enumerate(zip(scale_bounds(cfg.scales),
                                                      self.head_ropes)):
-            x = targets[k]
-            k_t, k_eps = jax.random.split(jax.random.fold_in(k_flow, k))
-            t = jax.random.uniform(k_t, (x.shape[0],))
-            eps = jax.random.normal(k_eps, x.shape)
-            xt = (1 - t[:, None, None]) * x + t[:, None, None] * eps
-            v = self.flownet(xt, t, z[:, begin:end], jnp.asarray(rope))
-            per_scale[f"scale_{cfg.scales[k]}"] = jnp.mean((v - (eps - x)) ** 2)
+            velocity = functools.partial(self.flownet, z=z[:, begin:end],
+                                         rope=jnp.asarray(rope))
+            mse = flow_matching_loss(velocity, targets[k], jax.random.fold_in(k_flow, k))
+            per_scale[f"scale_{cfg.scales[k]}"] = jnp.mean(mse)
             total += per_scale[f"scale_{cfg.scales[k]}"] * (end - begin) / cfg.side**2
         return total, per_scale
 

@@ -54,8 +54,8 @@ class FlowSampleConfig:
         if not self.disa_min_steps or num_scales == 1:
             return [self.num_steps] * num_scales
         frac = np.arange(num_scales) / (num_scales - 1)
-        return [int(round(s)) for s in self.num_steps + (self.disa_min_steps
-                                                         - self.num_steps) * frac]
+        steps = self.num_steps + (self.disa_min_steps - self.num_steps) * frac
+        return [int(np.floor(s + 0.5)) for s in steps]
 
     def grids(self, num_scales: int) -> list[np.ndarray]:
         return [ode.time_grid(n, self.grid) for n in self.steps(num_scales)]
@@ -101,8 +101,10 @@ def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array,
             return jnp.where(flag, jnp.concatenate([g, g]), v)
 
         flags = (w > 1) & (grid[:-1] <= cfg.guidance)
-        noise = jax.random.normal(jax.random.fold_in(key, k), (rows.shape[0], n * n,
-                                                               mcfg.token_dim))
+        k_cond, k_null = jax.random.split(jax.random.fold_in(key, k))
+        noise = jax.random.normal(k_cond, (batch, n * n, mcfg.token_dim))
+        if guided:  # the cond half's noise does not depend on whether CFG is on
+            noise = jnp.concatenate([noise, jax.random.normal(k_null, noise.shape)])
         tokens = ode.integrate(velocity, noise, grid, cfg.solver, flags)[:batch]
         level = tokens.reshape(batch, n, n, -1)
         if k + 1 < len(scales):

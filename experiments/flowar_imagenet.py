@@ -1,0 +1,249 @@
+"""FlowAR: KL-VAE + scale-wise AR transformer with a flow-matching head, trained and sampled.
+
+Run:   python -m experiments.flowar_imagenet --config digits --workdir runs/flowar_digits
+       python -m experiments.flowar_imagenet --config imagenet256_S --workdir /ckpt/flowar_s \
+           --set data.data_dir=/data/tfds --set data.manual_dir=/data/imagenet
+Sample the official weights:  --config imagenet256_S --set flowar_ckpt=/w/FlowAR-S.pth \
+           --set tokenizer_ckpt=/w/kl16.ckpt
+DiSA (fewer flow steps at later scales):  --set sample.disa_min_steps=15
+
+Stages: (1) train the KL-VAE (MAR's recipe was not released: L2 + a small KL term) unless
+`tokenizer_ckpt` is given, (2) encode every image once to its posterior moments (cached in the
+work dir; a fresh posterior sample is drawn in every training step, as the official code
+does), (3) train FlowAR (flow-matching loss over all scales), (4) sample a PNG grid with one
+row per class and, on digits, score samples with the digits evaluator (class accuracy,
+FID-digits). Every stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arjax import config as cfglib
+from arjax import sharding
+from arjax.convert.flowar import load_flowar, load_kl
+from arjax.data import DataConfig, open_source
+from arjax.images import to_float, to_uint8
+from arjax.models import bind, param_count, split
+from arjax.models.flowar import FlowAR, FlowARConfig, flowar_config
+from arjax.optim import OptimConfig
+from arjax.sampling import flowar as flowar_sampling
+from arjax.sampling.flowar import FlowSampleConfig
+from arjax.stages import (
+    StageConfig,
+    check_sampling,
+    cli,
+    digits_scorer,
+    extract_codes,
+    final_samples,
+    train_stage,
+)
+from arjax.tokenizers.kl import KL_16, KLVAE, KLConfig, sample_posterior
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    tokenizer: KLConfig = KL_16
+    tokenizer_train: StageConfig = StageConfig()
+    tokenizer_ckpt: str | None = None  # official kl16.ckpt: skips training it
+    model: FlowARConfig = flowar_config("S")
+    flowar_train: StageConfig = StageConfig()
+    flowar_ckpt: str | None = None  # official FlowAR-{S,L,H}.pth: skips FlowAR training
+    sample: FlowSampleConfig = FlowSampleConfig()
+    samples_per_class: int = 8  # for the PNG grid
+    eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
+    sample_classes: tuple[int, ...] = tuple(range(10))
+    encode_batch: int = 256
+    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
+    seed: int = 0
+
+
+DIGITS = Config(
+    data=DataConfig(name="digits", image_size=32),
+    tokenizer=KLConfig(embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                       norm_groups=8, scale=0.0, kl_weight=1e-4),
+    tokenizer_train=StageConfig(steps=400, batch_size=64, log_every=50, ckpt_every=200,
+                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
+    model=FlowARConfig(width=128, depth=2, heads=4, head_width=128, head_depth=2,
+                       scales=(1, 2, 4, 8), token_dim=4, num_classes=10, dropout=0.0),
+    flowar_train=StageConfig(steps=1000, batch_size=64, log_every=100, ckpt_every=500,
+                             eval_every=500, optim=OptimConfig(
+                                 lr=1e-3, warmup_steps=100, schedule="cosine",
+                                 total_steps=1000, weight_decay=0.02, grad_clip=3.0)),
+    sample=FlowSampleConfig(num_steps=25, cfg=2.0, guidance=0.9),
+    samples_per_class=8,
+    eval_samples_per_class=40,
+)
+
+
+def imagenet(size: str) -> Config:
+    """Official recipe (global batch 2048, lr = 5e-5 * 2048 / 256 = 4e-4, AdamW(0.9, 0.95),
+    wd 0.02, grad clip 3, 100 warmup epochs + cosine, 400 epochs) and sampling protocol
+    (S: 25 steps cfg 4.3; L: 25 steps cfg 2.4; H: 50 steps cfg 2.4 guidance 0.7)."""
+    batch, epoch = 2048, 1_281_167 // 2048
+    sample = {"S": FlowSampleConfig(num_steps=25, cfg=4.3, guidance=0.9),
+              "L": FlowSampleConfig(num_steps=25, cfg=2.4, guidance=0.9),
+              "H": FlowSampleConfig(num_steps=50, cfg=2.4, guidance=0.7)}[size]
+    return Config(
+        data=DataConfig(name="imagenet2012", image_size=256),
+        tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
+        model=flowar_config(size),
+        flowar_train=StageConfig(
+            steps=400 * epoch, batch_size=batch, log_every=100, ckpt_every=5000,
+            optim=OptimConfig(lr=4e-4, b2=0.95, weight_decay=0.02, grad_clip=3.0,
+                              warmup_steps=100 * epoch, schedule="cosine",
+                              total_steps=400 * epoch)),
+        sample=sample,
+        sample_classes=(207, 360, 387, 974, 88, 979, 417, 279),
+    )
+
+
+PRESETS = {"digits": DIGITS, **{f"imagenet256_{s}": imagenet(s) for s in "SLH"}}
+
+
+def validate(cfg: Config, mesh) -> None:
+    """Every check that can fail, on the host, before anything is compiled."""
+    check = cfglib.check
+    cfg.model.validate()
+    cfg.tokenizer.validate()
+    cfg.sample.validate()
+    check(cfg.model.token_dim == cfg.tokenizer.embed_dim,
+          f"model.token_dim ({cfg.model.token_dim}) must equal tokenizer.embed_dim "
+          f"({cfg.tokenizer.embed_dim})")
+    latent = cfg.data.image_size // cfg.tokenizer.downsample
+    check(cfg.model.side == latent,
+          f"the last scale must be the latent side: {cfg.data.image_size}px / "
+          f"{cfg.tokenizer.downsample} = {latent}, got model.scales[-1]={cfg.model.side}")
+    check(cfg.tokenizer.scale > 0 or cfg.tokenizer_ckpt is None,
+          "tokenizer.scale=0 (estimate) needs the training set's latents; with tokenizer_ckpt "
+          "set the official 0.2325")
+    for name, stage, ckpt in (("tokenizer", cfg.tokenizer_train, cfg.tokenizer_ckpt),
+                              ("flowar", cfg.flowar_train, cfg.flowar_ckpt)):
+        if ckpt is not None:
+            check(os.path.exists(ckpt), f"{name}_ckpt {ckpt!r} does not exist")
+            continue
+        check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
+        sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
+    check_sampling(cfg, cfg.model.num_classes, mesh)
+
+
+def tokenizer_loss(kl_weight: float):
+    def loss(model: KLVAE, batch, key):
+        images = to_float(batch["image"])
+        recon, aux = model(images, key)
+        mse = jnp.mean((recon - images) ** 2)
+        return mse + kl_weight * aux["kl"], {"mse": mse, "kl": aux["kl"]}
+    return loss
+
+
+def make_flowar_loss(latent_scale: float):
+    """A fresh posterior sample of every image in every step, times the latent scale."""
+    def loss(model: FlowAR, batch, key):
+        k_post, k_model = jax.random.split(key)
+        latents = sample_posterior(batch["codes"], k_post) * latent_scale
+        return model.loss(batch["label"], latents, k_model)
+    return loss
+
+
+def estimate_scale(moments: np.ndarray) -> float:
+    """1 / std of the posterior means (LDM's scale_factor rule), for tokenizers trained here."""
+    return float(1.0 / np.std(np.split(moments, 2, axis=-1)[0]))
+
+
+def make_generator(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampleConfig,
+                   latent_scale: float):
+    """labels -> (images uint8, latents, stats): trunk, flow ODEs and VAE decoder in one jit,
+    labels and outputs sharded over the batch."""
+    batch = sharding.batch_sharding(mesh)
+
+    def fn(p, vp, key, labels):
+        return flowar_sampling.sample(graphdef, p, vae_graphdef, vp, key, labels, sample_cfg,
+                                      latent_scale)
+
+    sampler = jax.jit(fn, out_shardings=(batch, batch, sharding.replicated(mesh)))
+
+    def generate(params, labels: np.ndarray, key):
+        t0 = time.perf_counter()
+        images, latents, stats = sampler(params, vae_params, key,
+                                         sharding.to_global(labels, mesh))
+        jax.block_until_ready(images)
+        seconds = time.perf_counter() - t0
+        return (to_uint8(np.asarray(images)), np.asarray(latents),
+                {"seconds": seconds, "nfe": int(stats.nfe),
+                 "trunk_passes": int(stats.trunk_passes)})
+
+    return generate
+
+
+def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
+    """The whole pipeline; returns a summary dict (also written to workdir/summary.json)."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    validate(cfg, mesh)
+    train_source = open_source(cfg.data, "train")
+    summary: dict = {}
+
+    vae_fn = lambda: KLVAE(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
+    if cfg.tokenizer_ckpt:
+        vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
+        vae_params = load_kl(cfg.tokenizer_ckpt, cfg.tokenizer)
+    else:
+        vae_graphdef, vae_params, hist = train_stage(
+            "tokenizer", vae_fn, tokenizer_loss(cfg.tokenizer.kl_weight), cfg.tokenizer_train,
+            train_source, cfg.seed, mesh, workdir, progress)
+        if hist:
+            summary["tokenizer/final_mse"] = hist[-1].get("train/mse")
+
+    latent_scale = cfg.tokenizer.scale
+    moments = None
+    if not cfg.flowar_ckpt or not latent_scale:
+        encode = jax.jit(lambda p, x: bind(vae_graphdef, p).moments(to_float(x)))
+        moments = extract_codes(lambda images: encode(vae_params, images), train_source,
+                                cfg.encode_batch,
+                                f"{workdir}/moments_train.npz" if workdir else None)
+        latent_scale = latent_scale or estimate_scale(moments.images)
+    summary["tokenizer/latent_scale"] = latent_scale
+
+    model_fn = lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
+    graphdef = split(nnx.eval_shape(model_fn))[0]
+    generate = make_generator(graphdef, vae_graphdef, vae_params, mesh, cfg.sample,
+                              latent_scale)
+    score = None
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
+                              cfg.seed, train_source.images)
+
+    if cfg.flowar_ckpt:
+        params = load_flowar(cfg.flowar_ckpt, cfg.model)
+    else:
+        _, params, hist = train_stage(
+            "flowar", model_fn, make_flowar_loss(latent_scale), cfg.flowar_train, moments,
+            cfg.seed, mesh, workdir, progress,
+            evaluate=(lambda state: score(state.params)) if score else None)
+        train_logs = [h for h in hist if "train/loss" in h]
+        if train_logs:
+            summary.update({"flowar/final_loss": train_logs[-1]["train/loss"],
+                            "flowar/steps_per_s": train_logs[-1]["time/steps_per_s"]})
+    summary["flowar/params"] = param_count(params)
+    if score:
+        summary.update({f"eval/{k}": v for k, v in score(params).items()})
+
+    return final_samples(generate, params, cfg.sample_classes, cfg.samples_per_class, cfg.seed,
+                         workdir, cfg.flowar_train.steps, summary, cfg, "latents")
+
+
+def main(argv: Sequence[str]) -> None:
+    cli(PRESETS, run, argv, __doc__, "flowar")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
