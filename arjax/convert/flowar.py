@@ -22,7 +22,7 @@ from arjax.convert.var import vae_torch_name
 from arjax.models.flowar import FlowAR, FlowARConfig
 from arjax.tokenizers.kl import KLVAE, KLConfig
 
-_RENAMES = ((r"(_blocks\.\d+\.ada_lin)\.", r"\1.1."),
+_RENAMES = ((r"((?:encoder|decoder)_blocks\.\d+\.ada_lin)\.", r"\1.1."),
             (r"adaLN_modulation\.", "adaLN_modulation.1."),
             (r"time_embed\.mlp_(\d)\.", r"time_embed.mlp.\1."))
 
