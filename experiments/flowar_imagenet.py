@@ -124,9 +124,6 @@ def validate(cfg: Config, mesh) -> None:
     check(cfg.model.side == latent,
           f"the last scale must be the latent side: {cfg.data.image_size}px / "
           f"{cfg.tokenizer.downsample} = {latent}, got model.scales[-1]={cfg.model.side}")
-    check(cfg.tokenizer.scale > 0 or cfg.tokenizer_ckpt is None,
-          "tokenizer.scale=0 (estimate) needs the training set's latents; with tokenizer_ckpt "
-          "set the official 0.2325")
     for name, stage, ckpt in (("tokenizer", cfg.tokenizer_train, cfg.tokenizer_ckpt),
                               ("flowar", cfg.flowar_train, cfg.flowar_ckpt)):
         if ckpt is not None:
