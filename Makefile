@@ -13,7 +13,7 @@ $(STAMP): setup.cfg
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.llamagen_imagenet --config digits --workdir runs/demo_llamagen
+	$(PY) -m experiments.flowar_imagenet --config digits --workdir runs/demo_flowar
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check arjax experiments tests benchmarks
