@@ -49,13 +49,19 @@ def test_cached_decode_equals_teacher_forcing(cross):
     model = nnx.merge(graphdef, params)
     latents = jax.random.normal(jax.random.key(1), (2, 4, 4, cfg.token_dim))
     labels = jnp.array([0, 3])  # 3 = the null class
-    _, inputs = teacher_inputs(latents, cfg.scales)
-    z = model(labels, inputs)
-    cond, cache = model.class_emb(labels), model.init_cache(2)
-    for k, (begin, end) in enumerate(scale_bounds(cfg.scales)):
-        x = model.embed(cond, inputs[:, begin - 1:end - 1], k)
-        zk, cache = model.decode_scale(x, cond, cache, k)
-        np.testing.assert_allclose(zk, z[:, begin:end], atol=2e-5)
+
+    @jax.jit
+    def both(latents, labels):
+        _, inputs = teacher_inputs(latents, cfg.scales)
+        cond, cache, cached = model.class_emb(labels), model.init_cache(2), []
+        for k, (begin, end) in enumerate(scale_bounds(cfg.scales)):
+            zk, cache = model.decode_scale(model.embed(cond, inputs[:, begin - 1:end - 1], k),
+                                           cond, cache, k)
+            cached.append(zk)
+        return model(labels, inputs), jnp.concatenate(cached, axis=1)
+
+    full, cached = both(latents, labels)
+    np.testing.assert_allclose(cached, full, atol=2e-5)
 
 
 def test_block_causal_across_scales():
@@ -63,16 +69,17 @@ def test_block_causal_across_scales():
     model = nnx.merge(graphdef, params)
     labels = jnp.array([1, 2])
     inputs = jax.random.normal(jax.random.key(2), (2, cfg.seq_len - 1, cfg.token_dim))
-    z = model(labels, inputs)
+    forward = jax.jit(model)
+    z = forward(labels, inputs)
     bounds = scale_bounds(cfg.scales)
     for k, (_, end) in enumerate(bounds[:-1]):
         # change every input of scales > k (input position p feeds token p + 1)
         changed = inputs.at[:, end - 1:].add(1.0)
-        z2 = model(labels, changed)
+        z2 = forward(labels, changed)
         np.testing.assert_array_equal(z2[:, :end], z[:, :end])
         assert float(jnp.abs(z2[:, end:] - z[:, end:]).min(axis=-1).max()) > 1e-3, k
     # and a token does see its own scale and coarser ones
-    z3 = model(labels, inputs.at[:, 0].add(1.0))  # the scale-1 input
+    z3 = forward(labels, inputs.at[:, 0].add(1.0))  # the scale-1 input
     assert float(jnp.abs(z3[:, 1:5] - z[:, 1:5]).max()) > 1e-3
 
 
@@ -128,15 +135,15 @@ def test_official_time_grid_and_disa_schedule():
     assert FlowSampleConfig(num_steps=20, solver="heun").head_calls(2) == 80
 
 
-@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("cross", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_sampler_guidance_interval(cross):
     """Guidance only while t <= `guidance`: with guidance 0 no step is guided and the cond
     half is exactly the unguided sample (same noise); guided sampling differs; stats count
     the flow-head calls of the DiSA schedule."""
     cfg, graphdef, params = tiny(cross, seed=3, noise=0.05)  # 0.2: chaotic, |v| ~ 30
     labels = jnp.array([0, 1, 2, 0])
-    run = lambda **kw: sample_latents(graphdef, params, jax.random.key(5), labels,
-                                      FlowSampleConfig(num_steps=6, **kw))
+    run = lambda **kw: jax.jit(lambda p: sample_latents(
+        graphdef, p, jax.random.key(5), labels, FlowSampleConfig(num_steps=6, **kw)))(params)
     plain, stats = run(cfg=1.0)
     never, _ = run(cfg=3.0, guidance=0.0)
     guided, _ = run(cfg=3.0, guidance=1.0)
