@@ -77,6 +77,27 @@ def extract_codes(encode, source, batch: int, cache_path: str | None) -> CodesSo
     return CodesSource(codes, labels, source.num_classes)
 
 
+def check_stages(cfg, mesh, *names: str) -> None:
+    """For each stage `name`: `cfg.<name>_ckpt` exists if set, otherwise `cfg.<name>_train`
+    has steps and a batch that fills the mesh."""
+    for name in names:
+        ckpt, stage = getattr(cfg, f"{name}_ckpt"), getattr(cfg, f"{name}_train")
+        if ckpt is not None:
+            cfglib.check(os.path.exists(ckpt), f"{name}_ckpt {ckpt!r} does not exist")
+            continue
+        cfglib.check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
+        sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
+
+
+def training_summary(name: str, history: list[dict]) -> dict:
+    """The last logged loss and speed of a stage (empty when it was loaded, not trained)."""
+    logs = [h for h in history if "train/loss" in h]
+    if not logs:
+        return {}
+    return {f"{name}/final_loss": logs[-1]["train/loss"],
+            f"{name}/steps_per_s": logs[-1]["time/steps_per_s"]}
+
+
 def check_sampling(cfg, num_classes: int, mesh) -> None:
     """The sampling fields every experiment config has (sample_classes, samples_per_class,
     eval_samples_per_class, data.name): classes in range, batches that fill the mesh."""

@@ -18,7 +18,6 @@ FID-digits). Every stage resumes from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -41,11 +40,13 @@ from arjax.sampling.flowar import FlowSampleConfig
 from arjax.stages import (
     StageConfig,
     check_sampling,
+    check_stages,
     cli,
     digits_scorer,
     extract_codes,
     final_samples,
     train_stage,
+    training_summary,
 )
 from arjax.tokenizers.kl import KL_16, KLVAE, KLConfig, sample_posterior
 
@@ -124,13 +125,7 @@ def validate(cfg: Config, mesh) -> None:
     check(cfg.model.side == latent,
           f"the last scale must be the latent side: {cfg.data.image_size}px / "
           f"{cfg.tokenizer.downsample} = {latent}, got model.scales[-1]={cfg.model.side}")
-    for name, stage, ckpt in (("tokenizer", cfg.tokenizer_train, cfg.tokenizer_ckpt),
-                              ("flowar", cfg.flowar_train, cfg.flowar_ckpt)):
-        if ckpt is not None:
-            check(os.path.exists(ckpt), f"{name}_ckpt {ckpt!r} does not exist")
-            continue
-        check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
-        sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
+    check_stages(cfg, mesh, "tokenizer", "flowar")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -226,10 +221,7 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
             "flowar", model_fn, make_flowar_loss(latent_scale), cfg.flowar_train, moments,
             cfg.seed, mesh, workdir, progress,
             evaluate=(lambda state: score(state.params)) if score else None)
-        train_logs = [h for h in hist if "train/loss" in h]
-        if train_logs:
-            summary.update({"flowar/final_loss": train_logs[-1]["train/loss"],
-                            "flowar/steps_per_s": train_logs[-1]["time/steps_per_s"]})
+        summary.update(training_summary("flowar", hist))
     summary["flowar/params"] = param_count(params)
     if score:
         summary.update({f"eval/{k}": v for k, v in score(params).items()})

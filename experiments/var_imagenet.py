@@ -16,7 +16,6 @@ all scales (its input is rebuilt from the codes by the frozen quantiser inside t
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -40,11 +39,13 @@ from arjax.sampling.var import VARSampleConfig
 from arjax.stages import (
     StageConfig,
     check_sampling,
+    check_stages,
     cli,
     digits_scorer,
     extract_codes,
     final_samples,
     train_stage,
+    training_summary,
 )
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
@@ -126,13 +127,7 @@ def validate(cfg: Config, mesh) -> None:
           f"the last scale must be the latent side: {cfg.data.image_size}px / "
           f"{cfg.tokenizer.downsample} = {latent}, got patch_nums[-1]="
           f"{cfg.tokenizer.patch_nums[-1]}")
-    for name, stage, ckpt in (("tokenizer", cfg.tokenizer_train, cfg.tokenizer_ckpt),
-                              ("var", cfg.var_train, cfg.var_ckpt)):
-        if ckpt is not None:
-            check(os.path.exists(ckpt), f"{name}_ckpt {ckpt!r} does not exist")
-            continue
-        check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
-        sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
+    check_stages(cfg, mesh, "tokenizer", "var")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -226,10 +221,7 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         _, params, hist = train_stage(
             "var", model_fn, make_var_loss(quantizer), cfg.var_train, codes, cfg.seed, mesh,
             workdir, progress, evaluate=(lambda state: score(state.params)) if score else None)
-        train_logs = [h for h in hist if "train/loss" in h]
-        if train_logs:
-            summary.update({"var/final_loss": train_logs[-1]["train/loss"],
-                            "var/steps_per_s": train_logs[-1]["time/steps_per_s"]})
+        summary.update(training_summary("var", hist))
     summary["var/params"] = param_count(params)
     if score:
         summary.update({f"eval/{k}": v for k, v in score(params).items()})
