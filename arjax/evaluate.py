@@ -5,7 +5,10 @@
     python -m arjax.evaluate --samples S.npz --reference digits:train   # digits evaluator
 
 Samples: an .npz with `images` (or ADM's `arr_0`) uint8 [N,H,W,3] and optional `labels`, or a
-directory of PNGs. Reference: `digits:<split>`, `tfds:<name>:<split>[:<size>]`, or an .npz /
+directory of PNGs. Greyscale [N,H,W] or [N,H,W,1] images are repeated to RGB; anything else
+(float images, channels-first arrays, fewer than 4 images, samples at another resolution than
+the reference, object arrays) is refused with a message before any network runs.
+Reference: `digits:<split>`, `tfds:<name>:<split>[:<size>]`, or an .npz /
 directory of images (an ADM reference batch's precomputed mu/sigma/mu_s/sigma_s are used for
 FID/sFID, its images for precision/recall, exactly as ADM). The evaluator is Inception
 (FID, sFID, IS, precision, recall) unless the reference is `digits:*` (FID-digits, IS-digits,
@@ -24,9 +27,40 @@ import sys
 import numpy as np
 from PIL import Image
 
+from arjax.errors import UserError
+from arjax.experiment.cli import exit_on_user_error
+from arjax.experiment.outputs import json_safe, write_json
 from arjax.metrics.fid import FeatureStats, frechet_distance
 from arjax.metrics.inception_score import inception_score
 from arjax.metrics.precision_recall import precision_recall
+
+MIN_IMAGES = 4  # precision/recall use each image's 3rd nearest neighbour
+
+
+class InputError(UserError, ValueError):
+    """Samples or reference images that cannot be scored as given."""
+
+
+def check_images(images, what: str) -> np.ndarray:
+    """uint8 [N, H, W, 3] images (greyscale repeated to RGB), or an InputError saying why not."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        hint = ("contain NaN" if np.issubdtype(images.dtype, np.floating)
+                and np.isnan(images).any() else f"are {images.dtype}")
+        raise InputError(f"{what} {hint}; uint8 in [0, 255] is required (from [-1, 1] floats "
+                         "use arjax.images.to_uint8, from [0, 1] round(x * 255))")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise InputError(f"{what} have shape {images.shape}; expected [N, H, W, 3]")
+    if images.shape[-1] not in (1, 3):
+        layout = " (channels first? transpose to [N, H, W, C])" if images.shape[1] in (1, 3) \
+            else ""
+        raise InputError(f"{what} have shape {images.shape}: {images.shape[-1]} channels"
+                         f"{layout}; expected [N, H, W, 3]")
+    if len(images) < MIN_IMAGES:
+        raise InputError(f"{what}: {len(images)} image(s); at least {MIN_IMAGES} are needed")
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def load_images(spec: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -39,15 +73,25 @@ def load_images(spec: str) -> tuple[np.ndarray, np.ndarray | None]:
     if os.path.isdir(spec):
         files = sorted(glob.glob(os.path.join(spec, "*.png")))
         if not files:
-            raise FileNotFoundError(f"no .png files in directory {spec!r}")
+            raise InputError(f"no .png files in directory {spec!r}")
         return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]), None
-    if not os.path.exists(spec):
-        raise FileNotFoundError(f"{spec!r} is neither a file, a directory nor digits:<split>")
-    data = np.load(spec)
-    key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
-    if key is None:
-        raise KeyError(f"{spec!r} has no 'images' or 'arr_0' array (found {list(data.keys())})")
-    return data[key], data["labels"] if "labels" in data else None
+    if not os.path.isfile(spec):
+        raise InputError(f"{spec!r} is neither a file, a directory nor digits:<split>")
+    try:
+        with np.load(spec, allow_pickle=False) as data:
+            key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
+            if key is None:
+                raise InputError(f"{spec!r} has no 'images' or 'arr_0' array (found "
+                                 f"{list(data.keys())})")
+            return data[key], data["labels"] if "labels" in data else None
+    except InputError:
+        raise
+    except ValueError as e:  # object arrays need pickle, which could run code
+        raise InputError(f"{spec!r}: its arrays are Python objects, not numbers ({e}); save "
+                         "plain uint8 arrays with np.savez") from None
+    except Exception as e:  # not an npz at all
+        raise InputError(f"{spec!r} is not a readable .npz file ({type(e).__name__}: {e})"
+                         ) from None
 
 
 def evaluate_digits(images, labels=None, reference=None, evaluator=None) -> dict[str, float]:
@@ -137,7 +181,7 @@ def load_reference(spec: str) -> tuple[np.ndarray, dict | None]:
     images, _ = load_images(spec)
     stats = None
     if spec.endswith(".npz"):
-        data = np.load(spec)
+        data = np.load(spec, allow_pickle=False)
         if "mu" in data:
             stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
     return images, stats
@@ -154,19 +198,34 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="JSON path (default: next to samples)")
     args = parser.parse_args(argv)
     images, labels = load_images(args.samples)
+    images = check_images(images, f"samples {args.samples!r}")
+    if labels is not None and len(labels) != len(images):
+        raise InputError(f"samples {args.samples!r}: {len(labels)} labels for {len(images)} "
+                         "images")
     if args.reference.startswith("digits:"):
-        reference, _ = load_images(args.reference)
-        results = evaluate_digits(images, labels, reference)
+        reference, stats = load_images(args.reference)[0], None
     else:
         reference, stats = load_reference(args.reference)
+    reference = check_images(reference, f"reference {args.reference!r}")
+    if images.shape[1:3] != reference.shape[1:3]:
+        raise InputError(f"samples are {images.shape[1]}x{images.shape[2]} but the reference "
+                         f"is {reference.shape[1]}x{reference.shape[2]}; resize one of them "
+                         "(the protocol fixes the resolution scores are computed at)")
+    if args.reference.startswith("digits:"):
+        results = evaluate_digits(images, labels, reference)
+    else:
         results = evaluate_inception(images, reference, stats, args.inception_weights)
     out = args.out or os.path.splitext(args.samples.rstrip("/"))[0] + ".eval.json"
-    with open(out, "w") as f:
-        json.dump({"samples": args.samples, "reference": args.reference, **results}, f, indent=1)
-    print(json.dumps(results, indent=1))
+    write_json(out, {"samples": args.samples, "reference": args.reference, **results})
+    print(json.dumps(json_safe(results), indent=1))
     print(f"written: {out}")
     return results
 
 
+def cli(argv=None) -> None:
+    """`python -m arjax.evaluate`: expected errors are one line and exit status 2."""
+    exit_on_user_error(lambda: main(argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(sys.argv[1:])

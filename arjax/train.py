@@ -60,19 +60,20 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
       evaluate: state -> {name: value}, run every `eval_every` steps and at the end; values
         are logged as `eval/<name>` (TensorBoard, jsonl) and kept in the history.
     Returns:
-      the final state and the logged metrics (one dict per log step).
+      the final state and the logged metrics (one dict per log step, earlier runs' included).
     """
     state, shardings = create_state(init_fn, mesh, rules)
     ckpt = writer = None
+    history: list[dict] = []
     if workdir is not None:
         ckpt = Checkpointer(f"{workdir}/{name}/ckpt", keep=keep)
-        writer = MetricWriter(f"{workdir}/{name}/tb")
         if ckpt.latest_step() is not None:
-            state = ckpt.restore(abstract_like(state))
+            state, _ = ckpt.restore_newest_intact(abstract_like(state))
+        writer = MetricWriter(f"{workdir}/{name}/tb", resume_step=int(state.step))
+        history = list(writer.history)  # an earlier run's rows: summaries survive a rerun
     start = int(state.step)
     step_fn = jax.jit(train_step, donate_argnums=0,
                       out_shardings=(shardings, sharding.replicated(mesh)))
-    history: list[dict] = []
     batches = make_batches(start)
     bar = tqdm(total=steps, initial=start, desc=name, disable=not progress, dynamic_ncols=True)
     t0, last_step = time.perf_counter(), start

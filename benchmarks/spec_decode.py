@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from arjax.stages import extract_codes, train_stage
 from flax import nnx
 
 from arjax import sharding
@@ -40,7 +41,6 @@ from arjax.models.raster_ar import RasterAR, gpt_config
 from arjax.sampling import multidraft
 from arjax.sampling.common import guided_logits
 from arjax.sampling.speculative import SpeculativeConfig, token_probs
-from arjax.stages import extract_codes, train_stage
 from arjax.tokenizers.vq import VQTokenizer
 from experiments import llamagen_imagenet as exp
 

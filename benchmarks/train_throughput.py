@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+from arjax.stages import CodesSource
 from flax import nnx
 
 from arjax import sharding
@@ -20,7 +21,6 @@ from arjax.data import Batches, open_source
 from arjax.models import split
 from arjax.models.raster_ar import RasterAR
 from arjax.optim import make_optimizer
-from arjax.stages import CodesSource
 from arjax.tokenizers.vq import VQTokenizer
 from arjax.train import init_state, make_train_step
 from experiments import llamagen_imagenet as exp

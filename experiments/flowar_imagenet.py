@@ -12,14 +12,15 @@ Stages: (1) train the KL-VAE (MAR's recipe was not released: L2 + a small KL ter
 work dir; a fresh posterior sample is drawn in every training step, as the official code
 does), (3) train FlowAR (flow-matching loss over all scales), (4) sample a PNG grid with one
 row per class and, on digits, score samples with the digits evaluator (class accuracy,
-FID-digits). Every stage resumes from its last checkpoint.
+FID-digits). Every stage resumes from its last checkpoint; a finished work dir only samples
+again, into a new samples/<tag>/. model.token_dim comes from tokenizer.embed_dim.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
-import time
 from collections.abc import Sequence
 
 import jax
@@ -30,30 +31,33 @@ from flax import nnx
 from arjax import config as cfglib
 from arjax import sharding
 from arjax.convert.flowar import load_flowar, load_kl
-from arjax.data import DataConfig, open_source
-from arjax.images import to_float, to_uint8
+from arjax.data import open_source
+from arjax.data.imagenet import steps_for_epochs
+from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
+from arjax.experiment.cli import cli, workdir_lock
+from arjax.experiment.outputs import digits_scorer, report, training_summary
+from arjax.experiment.pipeline import (
+    StageConfig,
+    check_sampling,
+    check_stages,
+    extract_codes,
+    fingerprint,
+    train_stage,
+)
+from arjax.images import to_float
 from arjax.models import bind, param_count, split
 from arjax.models.flowar import FlowAR, FlowARConfig, flowar_config
 from arjax.optim import OptimConfig
 from arjax.sampling import flowar as flowar_sampling
 from arjax.sampling.flowar import FlowSampleConfig
-from arjax.stages import (
-    StageConfig,
-    check_sampling,
-    check_stages,
-    cli,
-    digits_scorer,
-    extract_codes,
-    final_samples,
-    train_stage,
-    training_summary,
-)
+from arjax.sampling.generator import make_generator
 from arjax.tokenizers.kl import KL_16, KLVAE, KLConfig, sample_posterior
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    data: DataConfig = DataConfig()
+class Config(ExperimentConfig):
+    DERIVED = {"model.token_dim": "tokenizer.embed_dim"}
+
     tokenizer: KLConfig = KL_16
     tokenizer_train: StageConfig = StageConfig()
     tokenizer_ckpt: str | None = None  # official kl16.ckpt: skips training it
@@ -61,28 +65,21 @@ class Config:
     flowar_train: StageConfig = StageConfig()
     flowar_ckpt: str | None = None  # official FlowAR-{S,L,H}.pth: skips FlowAR training
     sample: FlowSampleConfig = FlowSampleConfig()
-    samples_per_class: int = 8  # for the PNG grid
-    eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
-    sample_classes: tuple[int, ...] = tuple(range(10))
-    encode_batch: int = 256
-    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
-    seed: int = 0
 
 
 DIGITS = Config(
-    data=DataConfig(name="digits", image_size=32),
+    data=DIGITS_DATA,
     tokenizer=KLConfig(embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
                        norm_groups=8, scale=0.0, kl_weight=1e-4),
     tokenizer_train=StageConfig(steps=300, batch_size=64, log_every=50, ckpt_every=150,
                                 optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
     model=FlowARConfig(width=128, depth=2, heads=4, head_width=128, head_depth=2,
-                       scales=(1, 2, 4, 8), token_dim=4, num_classes=10, dropout=0.0),
+                       scales=(1, 2, 4, 8), num_classes=10, dropout=0.0),
     flowar_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=300,
                              eval_every=300, optim=OptimConfig(
                                  lr=1e-3, warmup_steps=60, schedule="cosine",
                                  total_steps=600, weight_decay=0.02, grad_clip=3.0)),
     sample=FlowSampleConfig(num_steps=25, cfg=2.0, guidance=0.9),
-    samples_per_class=8,
     eval_samples_per_class=40,
 )
 
@@ -91,21 +88,21 @@ def imagenet(size: str) -> Config:
     """Official recipe (global batch 2048, lr = 5e-5 * 2048 / 256 = 4e-4, AdamW(0.9, 0.95),
     wd 0.02, grad clip 3, 100 warmup epochs + cosine, 400 epochs) and sampling protocol
     (S: 25 steps cfg 4.3; L: 25 steps cfg 2.4; H: 50 steps cfg 2.4 guidance 0.7)."""
-    batch, epoch = 2048, 1_281_167 // 2048
+    batch = 2048
     sample = {"S": FlowSampleConfig(num_steps=25, cfg=4.3, guidance=0.9),
               "L": FlowSampleConfig(num_steps=25, cfg=2.4, guidance=0.9),
               "H": FlowSampleConfig(num_steps=50, cfg=2.4, guidance=0.7)}[size]
     return Config(
-        data=DataConfig(name="imagenet2012", image_size=256),
+        **IMAGENET_SAMPLING,
         tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
         model=flowar_config(size),
         flowar_train=StageConfig(
-            steps=400 * epoch, batch_size=batch, log_every=100, ckpt_every=5000,
+            steps=steps_for_epochs(400, batch), batch_size=batch, log_every=100,
+            ckpt_every=5000,
             optim=OptimConfig(lr=4e-4, b2=0.95, weight_decay=0.02, grad_clip=3.0,
-                              warmup_steps=100 * epoch, schedule="cosine",
-                              total_steps=400 * epoch)),
+                              warmup_steps=steps_for_epochs(100, batch), schedule="cosine",
+                              total_steps=steps_for_epochs(400, batch))),
         sample=sample,
-        sample_classes=(207, 360, 387, 974, 88, 979, 417, 279),
     )
 
 
@@ -114,17 +111,14 @@ PRESETS = {"digits": DIGITS, **{f"imagenet256_{s}": imagenet(s) for s in "SLH"}}
 
 def validate(cfg: Config, mesh) -> None:
     """Every check that can fail, on the host, before anything is compiled."""
-    check = cfglib.check
     cfg.model.validate()
     cfg.tokenizer.validate()
     cfg.sample.validate()
-    check(cfg.model.token_dim == cfg.tokenizer.embed_dim,
-          f"model.token_dim ({cfg.model.token_dim}) must equal tokenizer.embed_dim "
-          f"({cfg.tokenizer.embed_dim})")
     latent = cfg.data.image_size // cfg.tokenizer.downsample
-    check(cfg.model.side == latent,
-          f"the last scale must be the latent side: {cfg.data.image_size}px / "
-          f"{cfg.tokenizer.downsample} = {latent}, got model.scales[-1]={cfg.model.side}")
+    cfglib.check(cfg.model.side == latent,
+                 f"the last scale must be the latent side: {cfg.data.image_size}px / "
+                 f"{cfg.tokenizer.downsample} = {latent}, got model.scales[-1]="
+                 f"{cfg.model.side}")
     check_stages(cfg, mesh, "tokenizer", "flowar")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
@@ -152,33 +146,16 @@ def estimate_scale(moments: np.ndarray) -> float:
     return float(1.0 / np.std(np.split(moments, 2, axis=-1)[0]))
 
 
-def make_generator(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampleConfig,
-                   latent_scale: float):
-    """labels -> (images uint8, latents, stats): trunk, flow ODEs and VAE decoder in one jit,
-    labels and outputs sharded over the batch."""
-    batch = sharding.batch_sharding(mesh)
-
-    def fn(p, vp, key, labels):
-        return flowar_sampling.sample(graphdef, p, vae_graphdef, vp, key, labels, sample_cfg,
-                                      latent_scale)
-
-    sampler = jax.jit(fn, out_shardings=(batch, batch, sharding.replicated(mesh)))
-
-    def generate(params, labels: np.ndarray, key):
-        t0 = time.perf_counter()
-        images, latents, stats = sampler(params, vae_params, key,
-                                         sharding.to_global(labels, mesh))
-        jax.block_until_ready(images)
-        seconds = time.perf_counter() - t0
-        return (to_uint8(np.asarray(images)), np.asarray(latents),
-                {"seconds": seconds, "nfe": int(stats.nfe),
-                 "trunk_passes": int(stats.trunk_passes)})
-
-    return generate
+def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampleConfig,
+                 latent_scale: float):
+    """params -> Generated: trunk, flow ODEs and VAE decoder in one jit."""
+    generate = make_generator(lambda p, key, labels: flowar_sampling.sample(
+        graphdef, p[0], vae_graphdef, p[1], key, labels, sample_cfg, latent_scale), mesh)
+    return lambda params, labels, key: generate((params, vae_params), labels, key)
 
 
-def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
-    """The whole pipeline; returns a summary dict (also written to workdir/summary.json)."""
+def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
+    """Trains (or resumes, or loads) every stage; returns what `report` needs."""
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
     train_source = open_source(cfg.data, "train")
@@ -192,23 +169,24 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         vae_graphdef, vae_params, hist = train_stage(
             "tokenizer", vae_fn, tokenizer_loss(cfg.tokenizer.kl_weight), cfg.tokenizer_train,
             train_source, cfg.seed, mesh, workdir, progress)
-        if hist:
-            summary["tokenizer/final_mse"] = hist[-1].get("train/mse")
+        summary.update(training_summary("tokenizer", hist))
 
     latent_scale = cfg.tokenizer.scale
     moments = None
     if not cfg.flowar_ckpt or not latent_scale:
         encode = jax.jit(lambda p, x: bind(vae_graphdef, p).moments(to_float(x)))
+        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data,
+                               split="train")
         moments = extract_codes(lambda images: encode(vae_params, images), train_source,
                                 cfg.encode_batch,
-                                f"{workdir}/moments_train.npz" if workdir else None)
+                                os.path.join(workdir, "moments_train.npz") if workdir else None,
+                                producer)
         latent_scale = latent_scale or estimate_scale(moments.images)
     summary["tokenizer/latent_scale"] = latent_scale
 
     model_fn = lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_generator(graphdef, vae_graphdef, vae_params, mesh, cfg.sample,
-                              latent_scale)
+    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample, latent_scale)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
         score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
@@ -223,11 +201,15 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
             evaluate=(lambda state: score(state.params)) if score else None)
         summary.update(training_summary("flowar", hist))
     summary["flowar/params"] = param_count(params)
-    if score:
-        summary.update({f"eval/{k}": v for k, v in score(params).items()})
+    return dict(generate=generate, params=params, summary=summary, score=score,
+                step=cfg.flowar_train.steps)
 
-    return final_samples(generate, params, cfg.sample_classes, cfg.samples_per_class, cfg.seed,
-                         workdir, cfg.flowar_train.steps, summary, cfg, "latents")
+
+def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None
+        ) -> dict:
+    """The whole pipeline: `build`, then a report in `<workdir>/samples/<tag>/`."""
+    with workdir_lock(workdir):
+        return report(cfg=cfg, workdir=workdir, tag=tag, **build(cfg, workdir, progress))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -10,7 +10,9 @@ Sample an official model:  --config imagenet256_B --set gpt_ckpt=/weights/c2i_B_
 Stages: (1) train the VQ tokenizer (or load the official one), (2) extract codes once (cached
 in the work dir, as LlamaGen's extract_codes_c2i), (3) when sampling speculatively with a draft
 model, train the small draft GPT, (4) train the GPT (or load it), (5) sample a PNG grid with one
-row per class. Every stage resumes from its last checkpoint.
+row per class and, on digits, score samples with the digits evaluator. Every stage resumes from
+its last checkpoint; a finished work dir only samples again, into a new samples/<tag>/.
+model.vocab_size comes from tokenizer.codebook_size (and the draft model's from the model's).
 
 Speculative / parallel decoding (see arjax/sampling/speculative.py), e.g. on digits:
     --set speculative.draft_len=4                                  SD with the draft GPT
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import jax
@@ -36,31 +37,37 @@ from flax import nnx
 
 from arjax import config as cfglib
 from arjax import sharding
-from arjax.data import DataConfig, open_source
-from arjax.images import to_float, to_uint8
+from arjax.data import open_source
+from arjax.data.imagenet import steps_for_epochs
+from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
+from arjax.experiment.cli import cli, workdir_lock
+from arjax.experiment.outputs import digits_scorer, report, training_summary
+from arjax.experiment.pipeline import (
+    StageConfig,
+    check_sampling,
+    check_stages,
+    extract_codes,
+    fingerprint,
+    train_stage,
+)
+from arjax.images import to_float
 from arjax.models import bind, param_count, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig, gpt_config
 from arjax.optim import OptimConfig
-from arjax.sampling import speculative
+from arjax.sampling import raster, speculative
 from arjax.sampling.acceptance import nearest_codes
 from arjax.sampling.common import SampleConfig
-from arjax.sampling.raster import sample
+from arjax.sampling.generator import make_generator
 from arjax.sampling.speculative import SpeculativeConfig
-from arjax.stages import (
-    StageConfig,
-    check_sampling,
-    cli,
-    digits_scorer,
-    extract_codes,
-    final_samples,
-    train_stage,
-)
 from arjax.tokenizers.vq import VQ_16, VQConfig, VQTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    data: DataConfig = DataConfig()
+class Config(ExperimentConfig):
+    DERIVED = {"model.vocab_size": "tokenizer.codebook_size",
+               "draft_model.vocab_size": "model.vocab_size", "draft_model.grid": "model.grid",
+               "draft_model.num_classes": "model.num_classes"}
+
     tokenizer: VQConfig = VQ_16
     tokenizer_train: StageConfig = StageConfig()
     tokenizer_ckpt: str | None = None  # official VQ .pt: skips tokenizer training
@@ -69,49 +76,42 @@ class Config:
     gpt_ckpt: str | None = None  # official c2i GPT .pt: skips GPT training
     draft_model: RasterARConfig | None = None  # small GPT for speculative sampling
     draft_train: StageConfig = StageConfig(steps=0)
+    draft_ckpt: str | None = None  # an official c2i GPT .pt as the draft: skips its training
     speculative: SpeculativeConfig = SpeculativeConfig(draft_len=0)  # draft_len 0 = plain
-    sample: SampleConfig = SampleConfig(cfg_scale=2.0)
-    samples_per_class: int = 8  # for the PNG grid
-    eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
-    sample_classes: tuple[int, ...] = tuple(range(10))
-    encode_batch: int = 256
-    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
-    seed: int = 0
+    sample: SampleConfig = SampleConfig(cfg=2.0)
 
 
 DIGITS = Config(
-    data=DataConfig(name="digits", image_size=32),
+    data=DIGITS_DATA,
     tokenizer=VQConfig(codebook_size=64, codebook_dim=8, ch=16, ch_mult=(1, 2, 2),
                        num_res_blocks=1, z_channels=32, norm_groups=8),
     tokenizer_train=StageConfig(steps=400, batch_size=64, log_every=50, ckpt_every=200,
                                 optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
-    model=RasterARConfig(vocab_size=64, grid=8, num_classes=10, dim=128, depth=4, heads=4,
-                         multiple_of=32, dropout=0.0, label_drop=0.1),
+    model=RasterARConfig(grid=8, num_classes=10, dim=128, depth=4, heads=4, multiple_of=32,
+                         dropout=0.0, label_drop=0.1),
     gpt_train=StageConfig(steps=1500, batch_size=64, log_every=100, ckpt_every=500,
                           eval_every=500, optim=OptimConfig(lr=1e-3, warmup_steps=50)),
-    draft_model=RasterARConfig(vocab_size=64, grid=8, num_classes=10, dim=64, depth=2,
-                               heads=2, multiple_of=32, dropout=0.0, label_drop=0.1),
+    draft_model=RasterARConfig(dim=64, depth=2, heads=2, multiple_of=32, dropout=0.0,
+                               label_drop=0.1),
     draft_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=600,
                             optim=OptimConfig(lr=1e-3, warmup_steps=50)),
-    sample=SampleConfig(cfg_scale=2.0),
-    samples_per_class=8,
+    sample=SampleConfig(cfg=2.0),
     eval_samples_per_class=40,
 )
 
 
 def imagenet(size: str) -> Config:
-    """LlamaGen c2i at 256 px: VQ-16 (official weights) + GPT-`size`, official recipe."""
+    """LlamaGen c2i at 256 px: VQ-16 (official weights) + GPT-`size`, official recipe
+    (300 epochs at batch 256, lr 1e-4, wd 0.05) and FID guidance (cfg 2.0 for B/L, 1.75 for
+    XL/XXL, 1.65 for 3B)."""
     return Config(
-        data=DataConfig(name="imagenet2012", image_size=256),
+        **IMAGENET_SAMPLING,
         tokenizer=VQ_16,
         tokenizer_train=StageConfig(steps=0),
         model=gpt_config(size),
-        gpt_train=StageConfig(steps=300 * 1_281_167 // 256, batch_size=256, log_every=100,
+        gpt_train=StageConfig(steps=steps_for_epochs(300, 256), batch_size=256, log_every=100,
                               ckpt_every=5000, optim=OptimConfig(lr=1e-4, weight_decay=0.05)),
-        # FID protocol of the repo: cfg 2.0 for B/L, 1.75 for XL/XXL, 1.65 for 3B.
-        sample=SampleConfig(cfg_scale={"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75}.get(
-            size, 1.65)),
-        sample_classes=(207, 360, 387, 974, 88, 979, 417, 279),
+        sample=SampleConfig(cfg={"B": 2.0, "L": 2.0, "XL": 1.75, "XXL": 1.75}.get(size, 1.65)),
     )
 
 
@@ -125,36 +125,21 @@ def validate(cfg: Config, mesh) -> None:
     cfg.model.validate()
     cfg.tokenizer.validate()
     cfg.sample.validate(cfg.model.vocab_size)
-    check(cfg.model.vocab_size == cfg.tokenizer.codebook_size,
-          f"model.vocab_size={cfg.model.vocab_size} must equal tokenizer.codebook_size="
-          f"{cfg.tokenizer.codebook_size}")
     latent = cfg.data.image_size // cfg.tokenizer.downsample
     check(cfg.model.grid == latent,
           f"model.grid={cfg.model.grid} but the tokenizer gives {latent}x{latent} codes for "
           f"{cfg.data.image_size}px images; set model.grid={latent}")
-    for name, stage in (("tokenizer_train", cfg.tokenizer_train), ("gpt_train", cfg.gpt_train)):
-        check(stage.steps >= 0, f"{name}.steps must be >= 0")
-        if stage.steps:
-            sharding.check_batch(stage.batch_size, mesh, f"{name}.batch_size")
-    check(cfg.tokenizer_ckpt is not None or cfg.tokenizer_train.steps > 0,
-          "no tokenizer: set tokenizer_ckpt=/path/vq_ds16_c2i.pt or tokenizer_train.steps > 0")
+    check_stages(cfg, mesh, "tokenizer", "gpt")
     spec = cfg.speculative
     check(spec.draft_len >= 0,
           f"speculative.draft_len must be >= 0 (0 = plain sampling), got {spec.draft_len}")
     if spec.draft_len:
         spec.validate()
     if uses_draft_model(cfg):
-        draft = cfg.draft_model
-        check(draft is not None and cfg.draft_train.steps > 0,
-              "speculative.drafter='model' needs draft_model and draft_train.steps > 0")
-        draft.validate()
-        check((draft.vocab_size, draft.grid, draft.num_classes)
-              == (cfg.model.vocab_size, cfg.model.grid, cfg.model.num_classes),
-              "draft_model must share vocab_size, grid and num_classes with model")
-    check(cfg.gpt_ckpt is not None or cfg.gpt_train.steps > 0,
-          "no GPT: set gpt_ckpt=/path/c2i_B_256.pt or gpt_train.steps > 0")
-    for path in (cfg.tokenizer_ckpt, cfg.gpt_ckpt):
-        check(path is None or os.path.exists(path), f"checkpoint file {path!r} does not exist")
+        check(cfg.draft_model is not None,
+              "speculative.drafter='model' needs a draft_model config")
+        cfg.draft_model.validate()
+        check_stages(cfg, mesh, "draft")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -173,52 +158,32 @@ def gpt_loss(model: RasterAR, batch, key):
     return ce, {"accuracy": acc}
 
 
-def encoder(vq_graphdef, vq_params):
-    """uint8 images -> codes [B, L] (jitted)."""
-    encode = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float(x)))
-    return lambda images: encode(vq_params, images)
-
-
 def uses_draft_model(cfg: Config) -> bool:
     return cfg.speculative.draft_len > 0 and cfg.speculative.drafter == "model"
 
 
-def make_generator(graphdef, vq_graphdef, vq_params, mesh, sample_cfg: SampleConfig,
-                   spec: SpeculativeConfig | None = None, draft=None):
-    """labels -> (images uint8, tokens, stats): the jitted sampler (labels and tokens sharded
-    over the batch, params as they are) followed by the tokenizer's decoder. With `spec`
-    (draft_len > 0) it decodes speculatively, with `draft` = (graphdef, params) as the draft
-    model and the tokenizer's code vectors for the relaxed/grouped rules."""
-    batch = sharding.batch_sharding(mesh)
-    speculate = spec is not None and spec.draft_len > 0
-    if speculate:
+def make_sampler(graphdef, vq_graphdef, vq_params, mesh, cfg: Config, draft=None):
+    """params -> Generated: plain or (with `speculative.draft_len` > 0) speculative decoding,
+    with `draft` = (graphdef, params) of the draft GPT; tokens and decoder in one jit."""
+    spec, scfg = cfg.speculative, cfg.sample
+    fixed = {"vq": vq_params, "draft": draft[1] if draft else None}
+    if spec.draft_len:
         codes = bind(vq_graphdef, vq_params).quantize.codebook()
         neighbours = (jax.jit(nearest_codes, static_argnums=1)(codes, spec.neighbours)
                       if spec.accept == "relaxed" else None)  # once, not per call
-        fn = lambda p, k, y: speculative.sample(graphdef, p, k, y, sample_cfg, spec, draft,
-                                                codes, neighbours)
+        fixed["neighbours"] = neighbours
+
+        def fn(p, key, labels):
+            p, f = p
+            d = (draft[0], f["draft"]) if draft else None
+            return speculative.sample_images(graphdef, p, vq_graphdef, f["vq"], key, labels,
+                                             scfg, spec, d, f["neighbours"])
     else:
-        fn = lambda p, k, y: sample(graphdef, p, k, y, sample_cfg)
-    sampler = jax.jit(fn, out_shardings=(batch, sharding.replicated(mesh)))
-    decode = jax.jit(lambda p, c: bind(vq_graphdef, p).decode(c))
-
-    def generate(params, labels: np.ndarray, key):
-        t0 = time.perf_counter()
-        tokens, stats = sampler(params, key, sharding.to_global(labels, mesh))
-        jax.block_until_ready(tokens)
-        seconds = time.perf_counter() - t0
-        images = to_uint8(np.asarray(decode(vq_params, tokens)))
-        info = {"seconds": seconds, "forward_passes": int(stats.forward_passes)}
-        if speculate:
-            rounds = np.maximum(np.asarray(stats.rounds), 1)
-            info["mean_accepted_per_round"] = float(np.mean(np.asarray(stats.accepted) / rounds))
-            info["first_draft_acceptance"] = float(np.mean(np.asarray(stats.first_accepted)
-                                                           / rounds))
-            info["draft_passes"] = int(stats.draft_passes)
-            info["mean_rounds"] = float(np.mean(np.asarray(stats.rounds)))
-        return images, np.asarray(tokens), info
-
-    return generate
+        def fn(p, key, labels):
+            p, f = p
+            return raster.sample_images(graphdef, p, vq_graphdef, f["vq"], key, labels, scfg)
+    generate = make_generator(fn, mesh)
+    return lambda params, labels, key: generate((params, fixed), labels, key)
 
 
 def eval_loss(graphdef, params, source, batch: int) -> float:
@@ -231,8 +196,8 @@ def eval_loss(graphdef, params, source, batch: int) -> float:
     return float(np.mean(losses))
 
 
-def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
-    """The whole pipeline; returns a summary dict (also written to workdir/summary.json)."""
+def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
+    """Trains (or resumes, or loads) every stage; returns what `report` needs."""
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
     train_source = open_source(cfg.data, "train")
@@ -248,23 +213,36 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         vq_graphdef, vq_params, hist = train_stage("tokenizer", vq_fn, tokenizer_loss,
                                                    cfg.tokenizer_train, train_source, cfg.seed,
                                                    mesh, workdir, progress)
-        summary["tokenizer/final_mse"] = hist[-1]["train/mse"] if hist else None
+        summary.update(training_summary("tokenizer", hist))
 
-    cache = (lambda split_: f"{workdir}/codes_{split_}.npz") if workdir else (lambda _: None)
-    encode = encoder(vq_graphdef, vq_params)
-    codes = extract_codes(encode, train_source, cfg.encode_batch, cache("train"))
+    encode_fn = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float(x)))
+    encode = lambda images: encode_fn(vq_params, images)
 
+    def codes(split_: str):
+        producer = fingerprint(vq_params, tokenizer=cfg.tokenizer, data=cfg.data, split=split_)
+        path = os.path.join(workdir, f"codes_{split_}.npz") if workdir else None
+        return extract_codes(encode, open_source(cfg.data, split_), cfg.encode_batch, path,
+                             producer)
+
+    needs_codes = not cfg.gpt_ckpt or (uses_draft_model(cfg) and not cfg.draft_ckpt)
+    train_codes = codes("train") if needs_codes else None
     draft = None
     if uses_draft_model(cfg):
         draft_fn = lambda: RasterAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2))
-        draft_graphdef, draft_params, _ = train_stage("draft", draft_fn, gpt_loss,
-                                                      cfg.draft_train, codes, cfg.seed, mesh,
-                                                      workdir, progress)
-        draft = (draft_graphdef, draft_params)
+        if cfg.draft_ckpt:
+            from arjax.convert.llamagen import load_gpt
+
+            draft = (split(nnx.eval_shape(draft_fn))[0],
+                     load_gpt(cfg.draft_ckpt, cfg.draft_model))
+        else:
+            draft_graphdef, draft_params, hist = train_stage(
+                "draft", draft_fn, gpt_loss, cfg.draft_train, train_codes, cfg.seed, mesh,
+                workdir, progress)
+            summary.update(training_summary("draft", hist))
+            draft = (draft_graphdef, draft_params)
     gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(gpt_fn))[0]
-    generate = make_generator(graphdef, vq_graphdef, vq_params, mesh, cfg.sample,
-                              cfg.speculative, draft)
+    generate = make_sampler(graphdef, vq_graphdef, vq_params, mesh, cfg, draft)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
         score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
@@ -276,24 +254,24 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         params = load_gpt(cfg.gpt_ckpt, cfg.model)
     else:
         _, params, hist = train_stage(
-            "gpt", gpt_fn, gpt_loss, cfg.gpt_train, codes, cfg.seed, mesh, workdir, progress,
-            evaluate=(lambda state: score(state.params)) if score else None)
-        train_logs = [h for h in hist if "train/loss" in h]
-        if train_logs:
-            summary.update({"gpt/final_loss": train_logs[-1]["train/loss"],
-                            "gpt/steps_per_s": train_logs[-1]["time/steps_per_s"],
-                            "gpt/train_tokens_per_s": train_logs[-1]["time/steps_per_s"]
-                            * cfg.gpt_train.batch_size * cfg.model.seq_len})
+            "gpt", gpt_fn, gpt_loss, cfg.gpt_train, train_codes, cfg.seed, mesh, workdir,
+            progress, evaluate=(lambda state: score(state.params)) if score else None)
+        summary.update(training_summary("gpt", hist))
+        if "gpt/steps_per_s" in summary:
+            summary["gpt/train_tokens_per_s"] = (summary["gpt/steps_per_s"]
+                                                 * cfg.gpt_train.batch_size * cfg.model.seq_len)
     summary["gpt/params"] = param_count(params)
-    if score:
-        summary.update({f"eval/{k}": v for k, v in score(params).items()})
     if cfg.data.name == "digits":
-        test = extract_codes(encode, open_source(cfg.data, "test"), cfg.encode_batch,
-                             cache("test"))
-        summary["gpt/test_loss"] = eval_loss(graphdef, params, test, 256)
+        summary["gpt/test_loss"] = eval_loss(graphdef, params, codes("test"), 256)
+    return dict(generate=generate, params=params, summary=summary, score=score,
+                step=cfg.gpt_train.steps)
 
-    return final_samples(generate, params, cfg.sample_classes, cfg.samples_per_class, cfg.seed,
-                         workdir, cfg.gpt_train.steps, summary, cfg, "tokens")
+
+def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None
+        ) -> dict:
+    """The whole pipeline: `build`, then a report in `<workdir>/samples/<tag>/`."""
+    with workdir_lock(workdir):
+        return report(cfg=cfg, workdir=workdir, tag=tag, **build(cfg, workdir, progress))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -10,14 +10,18 @@ Stages: (1) train the multi-scale VQ-VAE (VAR's tokenizer recipe was never relea
 reconstruction + the residual quantiser's loss), (2) extract every image's codes over all
 scales once (cached in the work dir), (3) train the VAR transformer with teacher forcing over
 all scales (its input is rebuilt from the codes by the frozen quantiser inside the step),
-(4) sample a PNG grid with one row per class. Every stage resumes from its last checkpoint.
+(4) sample a PNG grid with one row per class and, on digits, score samples with the digits
+evaluator. Every stage resumes from its last checkpoint; a finished work dir only samples
+again, into a new samples/<tag>/. Guidance: `sample.cfg` is the weight at the last scale
+(official cfg=1.5 is 2.5 here). model.vocab_size, codebook_dim and patch_nums come from the
+tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
-import time
 from collections.abc import Sequence
 
 import jax
@@ -29,30 +33,35 @@ from flax import nnx
 from arjax import config as cfglib
 from arjax import sharding
 from arjax.convert.var import load_vae, load_var
-from arjax.data import DataConfig, open_source
-from arjax.images import to_float, to_uint8
+from arjax.data import open_source
+from arjax.data.imagenet import steps_for_epochs
+from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
+from arjax.experiment.cli import cli, workdir_lock
+from arjax.experiment.outputs import digits_scorer, report, training_summary
+from arjax.experiment.pipeline import (
+    StageConfig,
+    check_sampling,
+    check_stages,
+    extract_codes,
+    fingerprint,
+    train_stage,
+)
+from arjax.images import to_float
 from arjax.models import bind, param_count, split
 from arjax.models.var import VAR, VARConfig, var_config
 from arjax.optim import OptimConfig
 from arjax.sampling import var as var_sampling
+from arjax.sampling.generator import make_generator
 from arjax.sampling.var import VARSampleConfig
-from arjax.stages import (
-    StageConfig,
-    check_sampling,
-    check_stages,
-    cli,
-    digits_scorer,
-    extract_codes,
-    final_samples,
-    train_stage,
-    training_summary,
-)
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    data: DataConfig = DataConfig()
+class Config(ExperimentConfig):
+    DERIVED = {"model.vocab_size": "tokenizer.codebook_size",
+               "model.codebook_dim": "tokenizer.codebook_dim",
+               "model.patch_nums": "tokenizer.patch_nums"}
+
     tokenizer: MSVQConfig = VAR_VAE
     tokenizer_train: StageConfig = StageConfig()
     tokenizer_ckpt: str | None = None  # official vae_ch160v4096z32.pth: skips training it
@@ -60,48 +69,41 @@ class Config:
     var_train: StageConfig = StageConfig()
     var_ckpt: str | None = None  # official var_d{16,20,24,30}.pth: skips VAR training
     sample: VARSampleConfig = VARSampleConfig()
-    samples_per_class: int = 8  # for the PNG grid
-    eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
-    sample_classes: tuple[int, ...] = tuple(range(10))
-    encode_batch: int = 256
-    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
-    seed: int = 0
 
 
-DIGITS_PATCH = (1, 2, 3, 4, 6, 8)
 DIGITS = Config(
-    data=DataConfig(name="digits", image_size=32),
-    tokenizer=MSVQConfig(codebook_size=64, codebook_dim=8, patch_nums=DIGITS_PATCH, ch=16,
+    data=DIGITS_DATA,
+    tokenizer=MSVQConfig(codebook_size=64, codebook_dim=8, patch_nums=(1, 2, 3, 4, 6, 8), ch=16,
                          ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
     tokenizer_train=StageConfig(steps=400, batch_size=64, log_every=50, ckpt_every=200,
                                 optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
-    model=VARConfig(depth=4, width=96, heads=4, vocab_size=64, codebook_dim=8,
-                    patch_nums=DIGITS_PATCH, num_classes=10, aln_gamma_init=0.5),
+    model=VARConfig(depth=4, width=96, heads=4, num_classes=10, aln_gamma_init=0.5),
     var_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=200,
                           eval_every=300, optim=OptimConfig(lr=1e-3, warmup_steps=50,
                                                             b2=0.95, grad_clip=2.0)),
-    sample=VARSampleConfig(cfg=1.5, top_k=0, top_p=1.0),
-    samples_per_class=8,
+    sample=VARSampleConfig(cfg=2.5, top_k=0, top_p=1.0),
     eval_samples_per_class=40,
 )
 
 
 def imagenet(depth: int) -> Config:
     """Official recipe (bs 768/1024, tblr 1e-4 or 8e-5, 200-350 epochs) and the FID sampling
-    protocol (cfg 1.5, top-k 900, top-p 0.96); the tokenizer is trained here."""
+    protocol (official cfg 1.5 = weight 2.5 at the last scale, top-k 900, top-p 0.96); the
+    tokenizer is trained here."""
     batch = 1024 if depth >= 30 else 768
     epochs = {16: 200, 20: 250, 24: 350, 30: 350}[depth]
     lr = (1e-4 if depth <= 20 else 8e-5) * batch / 256
     return Config(
-        data=DataConfig(name="imagenet2012", image_size=256),
+        **IMAGENET_SAMPLING,
         tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
         model=var_config(depth),
         var_train=StageConfig(
-            steps=epochs * 1_281_167 // batch, batch_size=batch, log_every=100,
+            steps=steps_for_epochs(epochs, batch), batch_size=batch, log_every=100,
             ckpt_every=5000, optim=OptimConfig(lr=lr, weight_decay=0.05, b2=0.95,
-                                               grad_clip=2.0, warmup_steps=1_281_167 // batch
-                                               * epochs // 50)),
-        sample_classes=(207, 360, 387, 974, 88, 979, 417, 279),
+                                               grad_clip=2.0,
+                                               warmup_steps=steps_for_epochs(epochs / 50,
+                                                                             batch))),
+        sample=VARSampleConfig(cfg=2.5, top_k=900, top_p=0.96),
     )
 
 
@@ -110,23 +112,14 @@ PRESETS = {"digits": DIGITS, **{f"imagenet256_d{d}": imagenet(d) for d in (16, 2
 
 def validate(cfg: Config, mesh) -> None:
     """Every check that can fail, on the host, before anything is compiled."""
-    check = cfglib.check
     cfg.model.validate()
     cfg.tokenizer.validate()
     cfg.sample.validate(cfg.model.vocab_size)
-    check(cfg.model.vocab_size == cfg.tokenizer.codebook_size
-          and cfg.model.codebook_dim == cfg.tokenizer.codebook_dim,
-          f"model.vocab_size/codebook_dim ({cfg.model.vocab_size}, {cfg.model.codebook_dim}) "
-          f"must equal the tokenizer's ({cfg.tokenizer.codebook_size}, "
-          f"{cfg.tokenizer.codebook_dim})")
-    check(cfg.model.patch_nums == cfg.tokenizer.patch_nums,
-          f"model.patch_nums {cfg.model.patch_nums} != tokenizer.patch_nums "
-          f"{cfg.tokenizer.patch_nums}")
     latent = cfg.data.image_size // cfg.tokenizer.downsample
-    check(cfg.tokenizer.patch_nums[-1] == latent,
-          f"the last scale must be the latent side: {cfg.data.image_size}px / "
-          f"{cfg.tokenizer.downsample} = {latent}, got patch_nums[-1]="
-          f"{cfg.tokenizer.patch_nums[-1]}")
+    cfglib.check(cfg.tokenizer.patch_nums[-1] == latent,
+                 f"the last scale must be the latent side: {cfg.data.image_size}px / "
+                 f"{cfg.tokenizer.downsample} = {latent}, got tokenizer.patch_nums[-1]="
+                 f"{cfg.tokenizer.patch_nums[-1]}")
     check_stages(cfg, mesh, "tokenizer", "var")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
@@ -161,31 +154,15 @@ def make_var_loss(quantizer):
     return loss
 
 
-def make_generator(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig):
-    """labels -> (images uint8, flat codes, stats): the whole sampler incl. the decoder in one
-    jit, labels and outputs sharded over the batch."""
-    batch = sharding.batch_sharding(mesh)
-
-    def fn(p, vp, key, labels):
-        images, codes, stats = var_sampling.sample(graphdef, p, vae_graphdef, vp, key, labels,
-                                                   sample_cfg)
-        return images, jnp.concatenate(codes, axis=1), stats
-
-    sampler = jax.jit(fn, out_shardings=(batch, batch, sharding.replicated(mesh)))
-
-    def generate(params, labels: np.ndarray, key):
-        t0 = time.perf_counter()
-        images, codes, stats = sampler(params, vae_params, key, sharding.to_global(labels, mesh))
-        jax.block_until_ready(images)
-        seconds = time.perf_counter() - t0
-        return (to_uint8(np.asarray(images)), np.asarray(codes),
-                {"seconds": seconds, "forward_passes": int(stats.forward_passes)})
-
-    return generate
+def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig):
+    """params -> Generated: the whole sampler incl. the decoder in one jit."""
+    generate = make_generator(lambda p, key, labels: var_sampling.sample(
+        graphdef, p[0], vae_graphdef, p[1], key, labels, sample_cfg), mesh)
+    return lambda params, labels, key: generate((params, vae_params), labels, key)
 
 
-def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
-    """The whole pipeline; returns a summary dict (also written to workdir/summary.json)."""
+def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
+    """Trains (or resumes, or loads) every stage; returns what `report` needs."""
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
     train_source = open_source(cfg.data, "train")
@@ -199,12 +176,11 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         vae_graphdef, vae_params, hist = train_stage("tokenizer", vae_fn, tokenizer_loss,
                                                      cfg.tokenizer_train, train_source,
                                                      cfg.seed, mesh, workdir, progress)
-        if hist:
-            summary["tokenizer/final_mse"] = hist[-1].get("train/mse")
+        summary.update(training_summary("tokenizer", hist))
 
     model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_generator(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
+    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
         score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
@@ -215,19 +191,27 @@ def run(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     else:
         encode = jax.jit(lambda p, x: jnp.concatenate(
             bind(vae_graphdef, p).encode(to_float(x)), axis=1))
+        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data,
+                               split="train")
         codes = extract_codes(lambda images: encode(vae_params, images), train_source,
-                              cfg.encode_batch, f"{workdir}/codes_train.npz" if workdir else None)
+                              cfg.encode_batch,
+                              os.path.join(workdir, "codes_train.npz") if workdir else None,
+                              producer)
         quantizer = split(bind(vae_graphdef, vae_params).quantize)
         _, params, hist = train_stage(
             "var", model_fn, make_var_loss(quantizer), cfg.var_train, codes, cfg.seed, mesh,
             workdir, progress, evaluate=(lambda state: score(state.params)) if score else None)
         summary.update(training_summary("var", hist))
     summary["var/params"] = param_count(params)
-    if score:
-        summary.update({f"eval/{k}": v for k, v in score(params).items()})
+    return dict(generate=generate, params=params, summary=summary, score=score,
+                step=cfg.var_train.steps)
 
-    return final_samples(generate, params, cfg.sample_classes, cfg.samples_per_class, cfg.seed,
-                         workdir, cfg.var_train.steps, summary, cfg, "codes")
+
+def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None
+        ) -> dict:
+    """The whole pipeline: `build`, then a report in `<workdir>/samples/<tag>/`."""
+    with workdir_lock(workdir):
+        return report(cfg=cfg, workdir=workdir, tag=tag, **build(cfg, workdir, progress))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -124,7 +124,7 @@ def test_kl_round_trip_with_ema_shadows_and_training_keys(tmp_path):
     shadows = {"model_ema." + k.replace(".", ""): v + 1 for k, v in state.items()}
     shadows["model_ema.num_updates"] = np.array(7, np.int64)
     _save(torch, {"model": {**state, **shadows}}, path)
-    ema = conv.load_kl(path, TINY_KL)
+    ema = conv.load_kl(path, TINY_KL, ema=True)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + 1), ema, params)
-    raw = conv.load_kl(path, TINY_KL, ema=False)
+    raw = conv.load_kl(path, TINY_KL)  # the default is what the official loaders load
     jax.tree.map(np.testing.assert_array_equal, raw, params)

@@ -21,7 +21,7 @@ SMOKE = override(exp.DIGITS, [
 @pytest.mark.parametrize("overrides,error,match", [
     (["sample.temperature=-1.0"], ConfigError, "temperature"),
     (["sample.top_k=65"], ConfigError, "top_k"),
-    (["sample.cfg_scale=-1.0"], ConfigError, "cfg_scale"),
+    (["sample.cfg=-1.0"], ConfigError, "sample.cfg"),
     (["gpt_train.batch_size=12"], ConfigError, "multiple of the 8"),
     (["model.grid=4"], ConfigError, "model.grid"),
     (["model.vocab_size=128"], ConfigError, "codebook_size"),

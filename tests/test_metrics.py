@@ -87,17 +87,37 @@ def test_evaluate_cli_writes_json(digits_evaluator, tmp_path, monkeypatch):
     evaluate.main(["--samples", str(tmp_path / "s.npz"), "--reference", "digits:train"])
     out = json.load(open(tmp_path / "s.eval.json"))
     assert out["num_samples"] == 100 and out["class_accuracy"] > 0.9
-    with pytest.raises(FileNotFoundError, match="neither"):
+    assert "NaN" not in open(tmp_path / "s.eval.json").read()
+    with pytest.raises(evaluate.InputError, match="neither"):
         evaluate.main(["--samples", str(tmp_path / "missing.npz")])
 
 
-def test_protocol_presets_and_labels():
-    from arjax.metrics.protocols import PROTOCOLS, eval_labels
+@pytest.mark.parametrize("images,match", [
+    (lambda x: x.astype(np.float32) / 255, "float32; uint8"),
+    (lambda x: x.astype(np.float32) * 0 + np.nan, "contain NaN"),
+    (lambda x: x.transpose(0, 3, 1, 2), "channels first"),
+    (lambda x: x[:1], "at least 4"),
+    (lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2), "64x64 but the reference is 32x32"),
+    (lambda x: np.array([object()] * 8, dtype=object), "Python objects"),
+])
+def test_evaluate_refuses_bad_samples_before_any_network(images, match, tmp_path, monkeypatch,
+                                                         capsys):
+    from arjax import evaluate
+    from arjax.data.sources import digits
 
-    var = PROTOCOLS["var_d16"]
-    assert (var.cfg_scale, var.top_k, var.top_p, var.num_samples) == (1.5, 900, 0.96, 50_000)
-    labels = eval_labels(var)
-    assert np.all(np.bincount(labels, minlength=1000) == 50)
-    assert PROTOCOLS["llamagen_XL"].cfg_scale == 1.75
-    random_labels = eval_labels(PROTOCOLS["llamagen_B"], seed=1)
-    assert len(random_labels) == 50_000 and len(np.unique(random_labels)) == 1000
+    monkeypatch.setattr(evaluate, "evaluate_digits", lambda *a: pytest.fail("scored garbage"))
+    np.savez(tmp_path / "s.npz", images=images(digits("test", 32).images[:8]))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.cli(["--samples", str(tmp_path / "s.npz")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_converts_greyscale():
+    from arjax import evaluate
+    from arjax.data.sources import digits
+
+    grey = digits("test", 32).images[:5, :, :, 0]
+    rgb = evaluate.check_images(grey, "samples")
+    assert rgb.shape == (5, 32, 32, 3) and np.all(rgb[..., 2] == grey)

@@ -53,10 +53,10 @@ def test_cfg_logits_equal_manual_formula():
     cond, uncond = jnp.array([[1.0, 2.0, -1.0]]), jnp.array([[0.5, 0.0, 1.0]])
     np.testing.assert_allclose(cfg_combine(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
     doubled = jnp.concatenate([cond, uncond])
-    lin = SampleConfig(cfg_scale=4.0, cfg_schedule="linear")
+    lin = SampleConfig(cfg=4.0, cfg_schedule="linear")
     np.testing.assert_allclose(guided_logits(doubled, lin, 0, 5), cond)  # ramp starts at 1
     np.testing.assert_allclose(guided_logits(doubled, lin, 4, 5), uncond + 4 * (cond - uncond))
-    interval = SampleConfig(cfg_scale=4.0, cfg_interval=2)
+    interval = SampleConfig(cfg=4.0, cfg_interval=2)
     np.testing.assert_allclose(guided_logits(doubled, interval, 3, 5), cond)
 
 
@@ -68,13 +68,13 @@ def exact_sequence_probs(graphdef, params, label: int, cfg: SampleConfig, grid: 
     logits = cond
     if cfg.uses_cfg:
         uncond = model(seqs, jnp.full((len(seqs),), model.cfg.num_classes))
-        logits = uncond + cfg.cfg_scale * (cond - uncond)
+        logits = uncond + cfg.cfg * (cond - uncond)
     logp = jax.nn.log_softmax(logits / cfg.temperature, -1)
     joint = jnp.take_along_axis(logp, seqs[..., None], -1)[..., 0].sum(-1)
     return np.asarray(seqs), np.exp(np.asarray(joint, np.float64))
 
 
-@pytest.mark.parametrize("cfg", [SampleConfig(), SampleConfig(cfg_scale=2.5),
+@pytest.mark.parametrize("cfg", [SampleConfig(), SampleConfig(cfg=2.5),
                                  SampleConfig(temperature=0.7)])
 def test_sampled_sequences_follow_model_distribution(cfg):
     """Chi-square over all 3^4 = 81 sequences of a tiny model, batch 4000."""
@@ -116,14 +116,14 @@ def test_logprob_stat_matches_teacher_forcing():
     logits = bind(graphdef, params)(tokens, labels)
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0].sum(-1)
     np.testing.assert_allclose(stats_.logprob, lp, rtol=1e-4)
-    assert int(stats_.forward_passes) == 9
+    assert int(stats_.target_passes) == 9
 
 
 @pytest.mark.parametrize("bad,match", [
     (SampleConfig(temperature=-1.0), "temperature"),
     (SampleConfig(top_k=17), "top_k"),
     (SampleConfig(top_p=0.0), "top_p"),
-    (SampleConfig(cfg_scale=-0.5), "cfg_scale"),
+    (SampleConfig(cfg=-0.5), "sample.cfg"),
     (SampleConfig(cfg_schedule="cosine"), "cfg_schedule"),
 ])
 def test_bad_sample_config_raises_before_compilation(bad, match):

@@ -57,12 +57,12 @@ def chi_square_pvalue(counts, probs) -> float:
 
 LOSSLESS = [
     ("sd", dict(), SampleConfig()),
-    ("sd-cfg-linear-topk", dict(), SampleConfig(cfg_scale=3.0, cfg_schedule="linear",
+    ("sd-cfg-linear-topk", dict(), SampleConfig(cfg=3.0, cfg_schedule="linear",
                                                 temperature=0.8, top_k=2)),
-    ("spectr", dict(num_drafts=3), SampleConfig(cfg_scale=2.5)),
-    ("sjd-uniform", dict(drafter="jacobi"), SampleConfig(cfg_scale=2.5)),
+    ("spectr", dict(num_drafts=3), SampleConfig(cfg=2.5)),
+    ("sjd-uniform", dict(drafter="jacobi"), SampleConfig(cfg=2.5)),
     ("sjd-onehot-topk", dict(drafter="jacobi", init="onehot"), SampleConfig(top_k=2)),
-    ("sjd-up", dict(drafter="jacobi", init="up"), SampleConfig(cfg_scale=2.5)),
+    ("sjd-up", dict(drafter="jacobi", init="up"), SampleConfig(cfg=2.5)),
     ("sjd-left", dict(drafter="jacobi", init="left", draft_len=5), SampleConfig()),
 ]
 
@@ -75,7 +75,7 @@ def test_lossless_joint_equals_plain_sampling(name, spec, sample_cfg):
     tokens, st = spec_jit(*target, jax.random.key(0), jnp.ones((n,), jnp.int32), sample_cfg,
                           cfg, draft=draft)
     assert chi_square_pvalue(sequence_counts(tokens), exact_joint(*target, 1, sample_cfg)) > 1e-3
-    assert int(st.forward_passes) <= GRID * GRID
+    assert int(st.target_passes) <= GRID * GRID
     rounds = np.asarray(st.rounds)
     assert np.all(np.asarray(st.accepted) <= cfg.draft_len * rounds)
     assert np.mean(rounds) < GRID * GRID  # drafts do get accepted
@@ -94,7 +94,7 @@ def test_plain_sampler_matches_exact_reference():
 def test_greedy_speculative_equals_greedy_ar(spec):
     target, draft = tiny_gpt(seed=0), tiny_gpt(seed=3)
     labels = jnp.array([0, 1, 2, 3, 1, 0])
-    sc = SampleConfig(temperature=0.0, cfg_scale=2.0)
+    sc = SampleConfig(temperature=0.0, cfg=2.0)
     ar, _ = jax.jit(raster.sample, static_argnames="cfg")(*target, jax.random.key(0), labels, sc)
     spec_tokens, _ = spec_jit(*target, jax.random.key(1), labels, sc,
                               SpeculativeConfig(draft_len=4, **spec), draft=draft)
@@ -106,7 +106,7 @@ def test_identical_draft_accepts_everything():
     _, st = spec_jit(*target, jax.random.key(0), jnp.arange(4) % 4, SampleConfig(),
                      SpeculativeConfig(), draft=target)
     # p == q: every draft is accepted, 9 tokens take ceil(9 / 5) = 2 target calls.
-    assert int(st.forward_passes) == 2
+    assert int(st.target_passes) == 2
     np.testing.assert_array_equal(st.accepted, [8, 8, 8, 8])
 
 
@@ -118,7 +118,7 @@ def test_relaxations_switched_off_are_the_lossless_rule(relaxed, exact):
     """GSD with a one-token group is SJD, LANTERN with delta = 0 is SD: same tokens, same key."""
     target, draft = tiny_gpt(seed=0), tiny_gpt(seed=3)
     codes = jax.random.normal(jax.random.key(5), (16, 4))
-    labels, sc = jnp.array([0, 1, 2, 3, 1, 0]), SampleConfig(cfg_scale=2.0, top_k=8)
+    labels, sc = jnp.array([0, 1, 2, 3, 1, 0]), SampleConfig(cfg=2.0, top_k=8)
     run = lambda spec: spec_jit(*target, jax.random.key(2), labels, sc,
                                 SpeculativeConfig(**spec), draft=draft, codes=codes)
     np.testing.assert_array_equal(run(relaxed)[0], run(exact)[0])

@@ -1,5 +1,6 @@
 """Sharded training: 1 vs 8 devices, exact resume, SIGTERM save, corrupt checkpoints."""
 
+import json
 import os
 import signal
 
@@ -66,7 +67,7 @@ def test_resume_gives_identical_params(tmp_path, devices):
     straight, _ = run(mesh, 4)
     run(mesh, 2, workdir=str(tmp_path))
     resumed, hist = run(mesh, 4, workdir=str(tmp_path))
-    assert [h["step"] for h in hist] == [3, 4]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]  # the earlier run's rows come first
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)
 
@@ -82,19 +83,41 @@ def test_sigterm_saves_and_exits(tmp_path, devices):
         run(mesh, 10, workdir=str(tmp_path), on_log=preempt)
     assert sorted(os.listdir(tmp_path / "gpt" / "ckpt"))[-1] == "3"
     _, hist = run(mesh, 5, workdir=str(tmp_path))
-    assert [h["step"] for h in hist] == [4, 5]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
 
 
-def test_corrupt_checkpoint_gives_clear_error(tmp_path, devices):
-    mesh = sharding.make_mesh((("data", 1),), devices[:1])
-    run(mesh, 2, workdir=str(tmp_path))
-    step_dir = tmp_path / "gpt" / "ckpt" / "2"
+def corrupt(step_dir):
     for root, _, files in os.walk(step_dir):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.raises(CheckpointError, match="corrupt"):
+
+
+def test_corrupt_only_checkpoint_gives_one_clear_error(tmp_path, devices):
+    mesh = sharding.make_mesh((("data", 1),), devices[:1])
+    run(mesh, 2, workdir=str(tmp_path))
+    corrupt(tmp_path / "gpt" / "ckpt" / "2")
+    with pytest.raises(CheckpointError, match="corrupt") as error:
         run(mesh, 4, workdir=str(tmp_path))
+    assert "\n" not in str(error.value) and error.value.__cause__ is None
+
+
+def test_corrupt_latest_checkpoint_resumes_from_newest_intact(tmp_path, devices, capfd):
+    """A crash in a save leaves the newest step unreadable: resume from the previous one
+    (keep-N kept it), say so once, and log no step twice."""
+    mesh = sharding.make_mesh((("data", 1),), devices[:1])
+    straight, _ = run(mesh, 6)
+    run(mesh, 4, workdir=str(tmp_path))  # checkpoints 2 and 4, rows 1..4
+    corrupt(tmp_path / "gpt" / "ckpt" / "4")
+    capfd.readouterr()
+    resumed, hist = run(mesh, 6, workdir=str(tmp_path))
+    err = capfd.readouterr().err
+    assert "resuming from step 2" in err and err.count("Traceback") == 0
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "gpt/tb/metrics.jsonl")]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_batches_are_deterministic_resumable_and_mesh_independent(devices):

@@ -109,23 +109,68 @@ def test_block_causal_over_scales():
         assert not np.allclose(out[:, end:], base[:, end:], atol=1e-3)
 
 
-def test_sampler_shapes_and_guidance():
+def per_scale(flat):
+    return jnp.split(flat, np.cumsum([p * p for p in PATCH])[:-1], axis=1)
+
+
+def test_sampler_shapes_and_stats():
     model = randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3)
     vae = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
     run = jax.jit(var_sampling.sample, static_argnames="cfg")
     labels = jnp.array([0, 1, 2, 3])
-    for sc in (var_sampling.VARSampleConfig(cfg=0.0, top_k=0, top_p=1.0),
-               var_sampling.VARSampleConfig(cfg=2.0, top_k=4, top_p=0.9, smooth=True)):
-        images, codes, stats = run(*model, *vae, jax.random.key(0), labels, sc)
-        assert images.shape == (4, 16, 16, 3) and float(jnp.abs(images).max()) <= 1
-        assert [c.shape for c in codes] == [(4, p * p) for p in PATCH]
-        assert int(stats.forward_passes) == len(PATCH)
-    # top_k = 1 without guidance is greedy: the codes are the teacher-forced argmax.
-    images, codes, _ = run(*model, *vae, jax.random.key(1), labels,
-                           var_sampling.VARSampleConfig(cfg=0.0, top_k=1, top_p=1.0))
-    full = jax.jit(lambda m, v: bind(*m)(labels, bind(*v).quantize.teacher_inputs(codes, 4)))(
-        model, vae)
-    np.testing.assert_array_equal(jnp.argmax(full, -1), jnp.concatenate(codes, 1))
+    for sc in (var_sampling.VARSampleConfig(cfg=1.0, top_k=0, top_p=1.0),
+               var_sampling.VARSampleConfig(cfg=3.0, top_k=4, top_p=0.9, smooth=True)):
+        out = run(*model, *vae, jax.random.key(0), labels, sc)
+        assert out.images.shape == (4, 16, 16, 3) and float(jnp.abs(out.images).max()) <= 1
+        assert out.aux["codes"].shape == (4, sum(p * p for p in PATCH))
+        assert int(out.stats["target_passes"]) == len(PATCH)
+
+
+@pytest.mark.parametrize("cfg,schedule", [(1.0, "linear"), (4.0, "linear"),
+                                          (4.0, "constant")])
+def test_greedy_codes_follow_the_guidance_schedule(cfg, schedule):
+    """With top_k = 1 each scale's codes are argmax(u + w_k (c - u)) of the teacher-forced
+    cond/null logits of those very codes, w_k = 1 + (cfg - 1) k / (K - 1) ("linear", VAR's
+    official ramp) or cfg ("constant")."""
+    model = randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3, scale=1.0)
+    vae = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
+    labels = jnp.array([0, 1, 2, 3])
+    sc = var_sampling.VARSampleConfig(cfg=cfg, cfg_schedule=schedule, top_k=1, top_p=1.0)
+    codes = jax.jit(var_sampling.sample, static_argnames="cfg")(
+        *model, *vae, jax.random.key(1), labels, sc).aux["codes"]
+    inputs = jax.jit(lambda v: bind(*v).quantize.teacher_inputs(per_scale(codes), 4))(vae)
+    forward = jax.jit(lambda m, y: bind(*m)(y, inputs))
+    null = jnp.full_like(labels, TINY_VAR.num_classes)
+    cond, null = forward(model, labels), forward(model, null)
+    K = len(PATCH)
+    w = np.concatenate([np.full(p * p, 1 + (cfg - 1) * k / (K - 1) if schedule == "linear"
+                                else cfg) for k, p in enumerate(PATCH)])
+    expected = jnp.argmax(null + w[None, :, None] * (cond - null), -1)
+    np.testing.assert_array_equal(expected, codes)
+    if cfg != 1.0:  # the schedule matters: unguided argmax differs somewhere
+        assert not np.array_equal(jnp.argmax(cond, -1), codes)
+
+
+def test_smoothing_mixes_code_vectors_with_gumbel_noise(monkeypatch):
+    """`smooth` (the official more_smooth) leaves the sampled codes of the first scale alone
+    but builds f_hat from softmax((logits (1 + r) + g) / tau) @ codebook: with a codebook of
+    identical vectors the mixture is that vector, so the images equal plain sampling's."""
+    model = randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3)
+    graphdef, params = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
+    run = jax.jit(var_sampling.sample, static_argnames="cfg")
+    labels = jnp.array([0, 1, 2, 3])
+    sample = lambda vp, smooth: run(*model, graphdef, vp, jax.random.key(2), labels,
+                                    var_sampling.VARSampleConfig(cfg=2.0, top_k=0, top_p=1.0,
+                                                                 smooth=smooth))
+    plain, smooth = sample(params, False), sample(params, True)
+    first = PATCH[0] ** 2
+    np.testing.assert_array_equal(plain.aux["codes"][:, :first], smooth.aux["codes"][:, :first])
+    assert float(jnp.abs(plain.images - smooth.images).max()) > 1e-3
+    flat = jax.tree.map(lambda x: x, params)
+    table = flat["quantize"]["embedding"]["embedding"]
+    flat["quantize"]["embedding"]["embedding"] = jnp.broadcast_to(table[:1], table.shape)
+    np.testing.assert_allclose(sample(flat, False).images, sample(flat, True).images,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -6,8 +6,9 @@ FlowAR files are plain state_dicts of the EMA weights (training checkpoints: MAR
 MLP is `time_embed.mlp.{0,2}` (`mlp_0`, `mlp_2` here). The buffers `mask` and `*.rope.freqs`
 are recomputed (and exported, so the official module loads an export strictly).
 kl16.ckpt holds the VAE under "model"; LDM-style files may add `loss.*` (training only,
-dropped) and LitEma shadows `model_ema.<name without dots>`, used in place of the raw weights
-when present (`ema=True`). The VAE's module names are VAR's (`vae_torch_name`).
+dropped) and LitEma shadows `model_ema.<name without dots>`. The raw weights are loaded by
+default, as the official MAR/FlowAR loaders do; `ema=True` loads the shadows instead.
+The VAE's module names are VAR's (`vae_torch_name`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def flowar_to_torch(params, cfg: FlowARConfig) -> dict:
     return {**torch_io.export(params, flowar_torch_name), **flowar_buffers(cfg)}
 
 
-def kl_weights(state_dict, ema: bool = True) -> dict[str, np.ndarray]:
+def kl_weights(state_dict, ema: bool = False) -> dict[str, np.ndarray]:
     """Drops training-only `loss.*` keys; with `ema`, LitEma shadows replace the weights."""
     weights = {k: v for k, v in state_dict.items()
                if not k.startswith(("loss.", "model_ema."))}
@@ -76,12 +77,12 @@ def kl_weights(state_dict, ema: bool = True) -> dict[str, np.ndarray]:
     return weights
 
 
-def kl_params_from_torch(state_dict, cfg: KLConfig, ema: bool = True):
+def kl_params_from_torch(state_dict, cfg: KLConfig, ema: bool = False):
     abstract = torch_io.abstract_params(lambda: KLVAE(cfg, rngs=nnx.Rngs(0)))
     return torch_io.convert(kl_weights(state_dict, ema), abstract, vae_torch_name)
 
 
-def load_kl(path: str, cfg: KLConfig, ema: bool = True):
+def load_kl(path: str, cfg: KLConfig, ema: bool = False):
     return kl_params_from_torch(torch_io.load_state_dict(path, subkeys=("model",)), cfg, ema)
 
 

@@ -9,26 +9,31 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from arjax.errors import UserError
 from arjax.sharding import path_str
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """The file does not fit the model: names the missing/unexpected keys and wrong shapes."""
 
 
-def load_state_dict(path: str, subkeys: Sequence[str] = ("ema", "model")
-                    ) -> dict[str, np.ndarray]:
+WRAPPERS = ("ema", "model", "module", "state_dict")  # DDP/EMA, DeepSpeed, Lightning dicts
+
+
+def load_state_dict(path: str, subkeys: Sequence[str] = WRAPPERS) -> dict[str, np.ndarray]:
     """Reads a .pt/.pth/.ckpt (safe unpickler) or .safetensors file into float32 numpy arrays.
 
-    The first of `subkeys` present in a dict checkpoint is taken (e.g. LlamaGen's "model").
+    The first of `subkeys` present in a dict checkpoint is taken (e.g. LlamaGen's "model",
+    DeepSpeed's "module"); a dict without one must hold the tensors itself.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointMismatch(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
@@ -41,15 +46,28 @@ def load_state_dict(path: str, subkeys: Sequence[str] = ("ema", "model")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # the safe unpickler met a class or function
+        raise CheckpointMismatch(
+            f"{path!r} contains pickled Python code objects (classes or functions), so it is "
+            "not a plain weights file; arjax does not execute code from checkpoints. Re-save "
+            "its state_dict with torch.save(model.state_dict(), ...) in a trusted "
+            "environment.") from None
     except Exception as e:
-        raise CheckpointMismatch(f"{path!r} is not a readable PyTorch checkpoint: {e}") from e
-    for key in subkeys:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
+        raise CheckpointMismatch(f"{path!r} is not a readable PyTorch checkpoint "
+                                 f"({type(e).__name__}: {e})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointMismatch(f"{path!r} holds a {type(obj).__name__}, not a state_dict")
-    return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+    top = obj
+    for key in subkeys:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    tensors = {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+    if not tensors:
+        raise CheckpointMismatch(
+            f"{path!r} holds no tensors under any of {list(subkeys)}; its top-level keys are "
+            f"{sorted(map(str, top))[:20]}")
+    return tensors
 
 
 Transform = Callable[[np.ndarray], np.ndarray]

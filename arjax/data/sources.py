@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image
 
 from arjax.config import check
+from arjax.errors import UserError
 
 DIGITS_TEST_SIZE = 297  # 1797 = 1500 train + 297 test, stratified, fixed seed
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The dataset is missing or malformed; the message says how to prepare it."""
 
 

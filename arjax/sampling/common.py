@@ -3,6 +3,11 @@
 Conventions follow LlamaGen's `generate`: temperature first, then top-k (ties with the k-th
 logit kept), then top-p (HF-style: the smallest prefix of the sorted distribution whose mass
 reaches p, always at least one token).
+
+Guidance has one vocabulary in every family: `cfg` is the weight w of
+`uncond + w (cond - uncond)` (1 = off, the batch is not doubled), and `cfg_schedule` is
+"constant" (w at every step) or "linear" (1 at the first step/scale ramping to w at the last:
+VAR's and FlowAR's official ramp). VAR's official `cfg=1.5` is w = 2.5 here.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ class SampleConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    cfg_scale: float = 1.0  # 1 = no guidance (batch not doubled)
-    cfg_schedule: str = "constant"  # "linear": scale ramps 1 -> cfg_scale over the sequence
+    cfg: float = 1.0  # guidance weight; 1 = no guidance (batch not doubled)
+    cfg_schedule: str = "constant"  # "linear": the weight ramps 1 -> cfg over the sequence
     cfg_interval: int = -1  # LlamaGen: guidance off after this many tokens; -1 = never
 
     def validate(self, vocab_size: int) -> None:
@@ -32,17 +37,30 @@ class SampleConfig:
         check(0 <= self.top_k <= vocab_size,
               f"sample.top_k={self.top_k} must be in [0, vocab_size={vocab_size}] (0 = off)")
         check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")
-        check(self.cfg_scale >= 0, f"sample.cfg_scale must be >= 0, got {self.cfg_scale}")
-        check(self.cfg_schedule in CFG_SCHEDULES,
-              f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+        check_guidance(self.cfg, self.cfg_schedule)
 
     @property
     def uses_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
+        return self.cfg != 1.0
+
+
+def check_guidance(cfg: float, schedule: str) -> None:
+    """The guidance fields every family's sample config has."""
+    check(cfg >= 0, f"sample.cfg (guidance weight, 1 = off) must be >= 0, got {cfg}")
+    check(schedule in CFG_SCHEDULES,
+          f"sample.cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
+def cfg_weight(cfg: float, schedule: str, step, num_steps: int):
+    """Guidance weight at (0-based) step/scale `step` of `num_steps` (a Python number for a
+    static step, an array for a traced one)."""
+    if schedule == "linear":
+        return 1.0 + (cfg - 1.0) * step / max(num_steps - 1, 1)
+    return cfg + 0 * step
 
 
 class SampleStats(NamedTuple):
-    forward_passes: jax.Array  # int32 scalar: sequential model calls
+    target_passes: jax.Array  # int32 scalar: sequential model calls, counted in the loop
     logprob: jax.Array  # float32 [B]: sum of log p(sampled token) under the sampled dist
 
 
@@ -65,10 +83,8 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 
 def cfg_scale_at(cfg: SampleConfig, step: jax.Array, num_steps: int) -> jax.Array:
-    """Guidance scale for (0-based) step `step` of `num_steps`."""
-    scale = jnp.asarray(cfg.cfg_scale, jnp.float32)
-    if cfg.cfg_schedule == "linear":
-        scale = 1.0 + (scale - 1.0) * step / max(num_steps - 1, 1)
+    """Guidance weight for (0-based) step `step` of `num_steps`, with LlamaGen's interval."""
+    scale = jnp.asarray(cfg_weight(cfg.cfg, cfg.cfg_schedule, step, num_steps), jnp.float32)
     if cfg.cfg_interval >= 0:
         scale = jnp.where(step > cfg.cfg_interval, 1.0, scale)
     return scale

@@ -1,8 +1,9 @@
 """Draft sources for speculative sampling: a small draft GPT, or the target's own Jacobi samples.
 
 A drafter has `init(batch, key) -> state`, `propose(state, prev, n, key) -> (state, drafts
-[B, k, K], q [B, k, K, V])` and `update(state, ...) -> state` (called after each round's
-commit). `q` is the exact law each draft was drawn from (the lossless rules need it).
+[B, k, K], q [B, k, K, V], draft model calls made)` and `update(state, ...) -> state` (called
+after each round's commit). `q` is the exact law each draft was drawn from (the lossless rules
+need it).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ModelDrafter:
         pos0 = jnp.repeat(n, k)
 
         def step(i, carry):
-            cache, prev, drafts, qs = carry
+            cache, prev, drafts, qs, calls = carry
             pos = pos0 + i
             logits, cache = self.model.decode(
                 self.model.embed(double(prev[:, None]), self.labels, double(pos)), cache,
@@ -59,20 +60,17 @@ class ModelDrafter:
             tok = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q)).astype(jnp.int32)
             drafts = jax.lax.dynamic_update_slice_in_dim(drafts, tok[:, None], i, axis=1)
             qs = jax.lax.dynamic_update_slice_in_dim(qs, q[:, None], i, axis=1)
-            return cache, tok, drafts, qs
+            return cache, tok, drafts, qs, calls + 1
 
         vocab = self.model.cfg.vocab_size
         init = (cache, jnp.repeat(prev, k), jnp.zeros((batch * k, K + 1), jnp.int32),
-                jnp.zeros((batch * k, K + 1, vocab), jnp.float32))
-        cache, _, drafts, qs = jax.lax.fori_loop(0, K + 1, step, init)
+                jnp.zeros((batch * k, K + 1, vocab), jnp.float32), jnp.zeros((), jnp.int32))
+        cache, _, drafts, qs, calls = jax.lax.fori_loop(0, K + 1, step, init)
         return (cache, drafts[:, :K].reshape(batch, k, K),
-                qs[:, :K].reshape(batch, k, K, vocab))
+                qs[:, :K].reshape(batch, k, K, vocab), calls)
 
     def update(self, cache, *, chain, **_):
         return select_chain(cache, chain, chain.shape[0], self.chains)
-
-    def calls_per_round(self) -> int:
-        return self.draft_len + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +100,7 @@ class JacobiDrafter:
                          zeros.astype(bool), key)
 
     def propose(self, state, prev, n, key):
-        return state, state[0][:, None], state[1][:, None]
+        return state, state[0][:, None], state[1][:, None], jnp.zeros((), jnp.int32)
 
     def fill(self, tokens, n, slots, qs, keep, key):
         """Replaces slots where ~keep [B, K] with fresh drafts for positions n + i."""
@@ -137,6 +135,3 @@ class JacobiDrafter:
         slots = jnp.take_along_axis(samples, idx, 1)
         qs = jnp.take_along_axis(probs, idx[..., None], 1)
         return self.fill(tokens, n, slots, qs, keep, k_fill)
-
-    def calls_per_round(self) -> int:
-        return 0

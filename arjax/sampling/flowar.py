@@ -1,8 +1,9 @@
 """FlowAR sampling: per scale one cached trunk call, then an ODE solve of the flow head.
 
 Follows `sample_tokens` + `euler_sampler`: the batch is doubled to [cond; null] with
-independent noise in each half; scale k of K guides with w_k = 1 + (cfg - 1) k / (K - 1) (no
-guidance at the first scale), and only while t <= `guidance` (guidance_high): there the cond
+independent noise in each half; scale k of K guides with w_k = 1 + (cfg - 1) k / (K - 1)
+(`cfg_schedule` "linear", the official ramp: no guidance at the first scale), and only
+while t <= `guidance` (guidance_high): there the cond
 half's state is fed to both halves and both take v_null + w_k (v_cond - v_null); elsewhere each
 half follows its own velocity. The cond half's result, bicubic -> latent side -> area -> next
 side, is the next scale's input (for both halves). DiSA (Zhao et al. 2025) anneals the number
@@ -15,7 +16,6 @@ shapes), the ODE is a `lax.scan`, the VAE decoder runs in the same jit.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,8 @@ from arjax.config import check
 from arjax.models import bind
 from arjax.models.flowar import next_input
 from arjax.sampling import ode
+from arjax.sampling.common import cfg_combine, cfg_weight, check_guidance
+from arjax.sampling.generator import Samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,8 @@ class FlowSampleConfig:
     num_steps: int = 25  # flow steps at the first scale (and every scale without DiSA)
     solver: str = "euler"  # euler | heun
     grid: str = "official"  # official (FlowAR's two-piece grid) | uniform
-    cfg: float = 4.3  # guidance weight at the last scale (ramps from 1); 1 = no CFG
+    cfg: float = 4.3  # guidance weight at the last scale; 1 = no CFG
+    cfg_schedule: str = "linear"  # the official ramp from 1 at the first scale
     guidance: float = 0.9  # guide only while t <= guidance (guidance_high)
     disa_min_steps: int = 0  # DiSA: steps at the last scale (linear in between); 0 = off
 
@@ -42,7 +45,7 @@ class FlowSampleConfig:
               f"{self.solver!r}")
         check(self.grid in ode.GRIDS, f"sample.grid must be one of {ode.GRIDS}, got "
               f"{self.grid!r}")
-        check(self.cfg >= 1, f"sample.cfg must be >= 1 (1 = no guidance), got {self.cfg}")
+        check_guidance(self.cfg, self.cfg_schedule)
         check(0 <= self.guidance <= 1, f"sample.guidance must be in [0, 1], got "
               f"{self.guidance}")
         check(self.disa_min_steps == 0 or 2 <= self.disa_min_steps <= self.num_steps,
@@ -60,63 +63,57 @@ class FlowSampleConfig:
     def grids(self, num_scales: int) -> list[np.ndarray]:
         return [ode.time_grid(n, self.grid) for n in self.steps(num_scales)]
 
-    def head_calls(self, num_scales: int) -> int:
-        """Flow-head evaluations per sample (the NFE), CFG's doubled batch counted once."""
-        return sum(len(g) - 1 for g in self.grids(num_scales)) * ode.calls_per_step(
-            self.solver)
-
-
-class FlowStats(NamedTuple):
-    trunk_passes: jax.Array  # int32: cached trunk calls (= scales)
-    nfe: jax.Array  # int32: flow-head evaluations per sample
-
 
 def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array,
-                   cfg: FlowSampleConfig) -> tuple[jax.Array, FlowStats]:
-    """labels int [B] -> (scaled latents [B, s, s, C], stats)."""
+                   cfg: FlowSampleConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """labels int [B] -> (scaled latents [B, s, s, C], {"target_passes": trunk calls, "nfe":
+    flow-head evaluations per sample, CFG's doubled batch counted once})."""
     model = bind(graphdef, params)
     mcfg = model.cfg
     cfg.validate()
     batch, scales, side = labels.shape[0], mcfg.scales, mcfg.side
-    guided = cfg.cfg > 1
+    guided = cfg.cfg != 1
     rows = labels.astype(jnp.int32)
     if guided:
         rows = jnp.concatenate([rows, jnp.full_like(rows, mcfg.num_classes)])
     cond = model.class_emb(rows)
     cache = model.init_cache(rows.shape[0])
     x = model.embed(cond, None, 0)
+    passes = nfe = jnp.zeros((), jnp.int32)
     for k, (n, grid, rope) in enumerate(zip(scales, cfg.grids(len(scales)),
                                             model.head_ropes)):
         z, cache = model.decode_scale(x, cond, cache, k)
+        passes += 1
         rope = jnp.asarray(rope)
         ctx = model.flownet.context(z, rope)
-        w = 1 + (cfg.cfg - 1) * k / max(len(scales) - 1, 1)
+        w = cfg_weight(cfg.cfg, cfg.cfg_schedule, k, len(scales))
 
         def velocity(xt, t, flag, ctx=ctx, rope=rope, w=w):
             if not guided:
                 return model.flownet.velocity(xt, jnp.full((batch,), t), ctx, rope)
             inp = jnp.where(flag, jnp.concatenate([xt[:batch], xt[:batch]]), xt)
             v = model.flownet.velocity(inp, jnp.full((2 * batch,), t), ctx, rope)
-            g = v[batch:] + w * (v[:batch] - v[batch:])
+            g = cfg_combine(v[:batch], v[batch:], w)
             return jnp.where(flag, jnp.concatenate([g, g]), v)
 
-        flags = (w > 1) & (grid[:-1] <= cfg.guidance)
+        flags = (w != 1) & (grid[:-1] <= cfg.guidance)
         k_cond, k_null = jax.random.split(jax.random.fold_in(key, k))
         noise = jax.random.normal(k_cond, (batch, n * n, mcfg.token_dim))
         if guided:  # the cond half's noise does not depend on whether CFG is on
             noise = jnp.concatenate([noise, jax.random.normal(k_null, noise.shape)])
-        tokens = ode.integrate(velocity, noise, grid, cfg.solver, flags)[:batch]
+        tokens, calls = ode.integrate(velocity, noise, grid, cfg.solver, flags)
+        tokens, nfe = tokens[:batch], nfe + calls
         level = tokens.reshape(batch, n, n, -1)
         if k + 1 < len(scales):
             nxt = next_input(level, side, scales[k + 1])
             x = model.embed(None, jnp.concatenate([nxt, nxt]) if guided else nxt, k + 1)
-    stats = FlowStats(jnp.int32(len(scales)), jnp.int32(cfg.head_calls(len(scales))))
-    return level, stats
+    return level, {"target_passes": passes, "nfe": nfe}
 
 
 def sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array, labels: jax.Array,
-           cfg: FlowSampleConfig, latent_scale: float) -> tuple[jax.Array, jax.Array,
-                                                                FlowStats]:
-    """labels int [B] -> (images [B, H, W, 3] in [-1, 1], scaled latents, stats)."""
+           cfg: FlowSampleConfig, latent_scale: float) -> Samples:
+    """labels int [B] -> Samples(images [B, H, W, 3] in [-1, 1], {"latents": scaled latents},
+    {"target_passes", "nfe"})."""
     latents, stats = sample_latents(graphdef, params, key, labels, cfg)
-    return bind(vae_graphdef, vae_params).decode(latents, latent_scale), latents, stats
+    images = bind(vae_graphdef, vae_params).decode(latents, latent_scale)
+    return Samples(images, {"latents": latents}, stats)

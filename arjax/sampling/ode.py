@@ -32,9 +32,10 @@ def time_grid(num_steps: int, kind: str = "official") -> np.ndarray:
 
 
 def integrate(velocity: Callable, x: jax.Array, grid: np.ndarray, solver: str = "euler",
-              flags: np.ndarray | None = None) -> jax.Array:
-    """x at grid[0] -> x at grid[-1]. `velocity(x, t, flag) -> dx/dt` with t a float32 scalar
-    and `flag` a bool scalar per step (FlowAR's guidance interval), default all False."""
+              flags: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
+    """x at grid[0] -> (x at grid[-1], velocity calls made: int32, counted in the scan).
+    `velocity(x, t, flag) -> dx/dt` with t a float32 scalar and `flag` a bool scalar per step
+    (FlowAR's guidance interval), default all False."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     grid = np.asarray(grid, np.float64)
@@ -43,15 +44,14 @@ def integrate(velocity: Callable, x: jax.Array, grid: np.ndarray, solver: str = 
     xs = (jnp.asarray(grid[:-1], jnp.float32), jnp.asarray(grid[1:], jnp.float32),
           jnp.asarray(np.diff(grid), jnp.float32), jnp.asarray(flags))
 
-    def step(x, inputs):
+    def step(carry, inputs):
+        x, calls = carry
         t, t_next, dt, flag = inputs
         d = velocity(x, t, flag)
+        calls += 1
         if solver == "heun":
             d = 0.5 * (d + velocity(x + dt * d, t_next, flag))
-        return (x + dt * d).astype(x.dtype), None
+            calls += 1
+        return ((x + dt * d).astype(x.dtype), calls), None
 
-    return jax.lax.scan(step, x, xs)[0]
-
-
-def calls_per_step(solver: str) -> int:
-    return 2 if solver == "heun" else 1
+    return jax.lax.scan(step, (x, jnp.zeros((), jnp.int32)), xs)[0]

@@ -34,6 +34,7 @@ from arjax.sampling import multidraft
 from arjax.sampling.acceptance import Exact, Grouped, Relaxed, nearest_codes
 from arjax.sampling.common import SampleConfig, filter_logits, guided_logits
 from arjax.sampling.drafters import JACOBI_INITS, JacobiDrafter, ModelDrafter, select_chain
+from arjax.sampling.generator import Samples
 
 DRAFTERS = ("model", "jacobi")
 RULES = ("exact", "group", "relaxed")
@@ -75,8 +76,8 @@ class SpeculativeConfig:
 
 
 class SpeculativeStats(NamedTuple):
-    forward_passes: jax.Array  # int32: target calls (verification rounds)
-    draft_passes: jax.Array  # int32: draft model calls (0 for jacobi)
+    target_passes: jax.Array  # int32: target calls (verification rounds)
+    draft_passes: jax.Array  # int32: draft model calls (0 for jacobi), counted per call
     accepted: jax.Array  # int32 [B]: drafts accepted per row
     rounds: jax.Array  # int32 [B]: rounds in which the row was still generating
     first_accepted: jax.Array  # int32 [B]: rounds whose first draft was accepted
@@ -206,10 +207,10 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConf
     key_init, key_loop = jax.random.split(key)
 
     def round_(state):
-        tokens, n, t_cache, d_state, r, accepted, rounds, first = state
+        tokens, n, t_cache, d_state, r, d_calls, accepted, rounds, first = state
         k_draft, k_verify, k_refresh = jax.random.split(jax.random.fold_in(key_loop, r), 3)
         prev = _take(tokens, jnp.maximum(n - 1, 0))  # at n == 0 the class embedding is used
-        d_state, drafts, qs = drafter.propose(d_state, prev, n, k_draft)
+        d_state, drafts, qs, calls = drafter.propose(d_state, prev, n, k_draft)
         pos = jnp.repeat(n, k)
         inputs = jnp.concatenate([jnp.repeat(prev, k)[:, None], drafts.reshape(-1, K)], 1)
         logits, t_cache = target.decode(target.embed(double(inputs), t_labels, double(pos)),
@@ -232,15 +233,35 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConf
         n = jnp.where(active, n + m + 1, n)
         d_state = drafter.update(d_state, chain=chain, tokens=tokens, n=n, accepted=m,
                                  probs=_take(ps, chain), key=k_refresh)
-        return (tokens, n, t_cache, d_state, r + 1, accepted + jnp.where(active, m, 0),
-                rounds + active, first + (active & (m > 0)))
+        return (tokens, n, t_cache, d_state, r + 1, d_calls + calls,
+                accepted + jnp.where(active, m, 0), rounds + active, first + (active & (m > 0)))
 
     zeros = jnp.zeros((batch,), jnp.int32)
+    scalar = jnp.zeros((), jnp.int32)
     init = (jnp.zeros((batch, width), jnp.int32), zeros, target.init_cache(rows, width),
-            drafter.init(batch, key_init), jnp.zeros((), jnp.int32),
-            zeros, zeros, zeros)
-    tokens, _, _, _, r, accepted, rounds, first = jax.lax.while_loop(
+            drafter.init(batch, key_init), scalar, scalar, zeros, zeros, zeros)
+    tokens, _, _, _, r, d_calls, accepted, rounds, first = jax.lax.while_loop(
         lambda s: jnp.any(s[1] < length), round_, init)
     return tokens[:, :length], SpeculativeStats(
-        forward_passes=r, draft_passes=r * drafter.calls_per_round(), accepted=accepted,
-        rounds=rounds, first_accepted=first)
+        target_passes=r, draft_passes=d_calls, accepted=accepted, rounds=rounds,
+        first_accepted=first)
+
+
+def summary_stats(stats: SpeculativeStats) -> dict[str, jax.Array]:
+    """The scalar stats of the sampler contract (means over rows of the counted arrays)."""
+    rounds = jnp.maximum(stats.rounds, 1)
+    return {"target_passes": stats.target_passes, "draft_passes": stats.draft_passes,
+            "mean_accepted_per_round": jnp.mean(stats.accepted / rounds),
+            "first_draft_acceptance": jnp.mean(stats.first_accepted / rounds),
+            "mean_rounds": jnp.mean(stats.rounds.astype(jnp.float32))}
+
+
+def sample_images(graphdef, params, vq_graphdef, vq_params, key: jax.Array, labels: jax.Array,
+                  scfg: SampleConfig, cfg: SpeculativeConfig, draft=None,
+                  neighbours: jax.Array | None = None) -> Samples:
+    """The sampler contract: speculative tokens and the VQ decoder in one function (jit it
+    whole); the drafts' code vectors are the tokenizer's codebook."""
+    vq = bind(vq_graphdef, vq_params)
+    tokens, stats = sample(graphdef, params, key, labels, scfg, cfg, draft,
+                           vq.quantize.codebook(), neighbours)
+    return Samples(vq.decode(tokens), {"tokens": tokens}, summary_stats(stats))

@@ -1,0 +1,142 @@
+"""Pipeline pieces every experiment shares: training stages, early checks, cached codes.
+
+A stage is one model trained by the shared `fit` loop in its own `<workdir>/<name>` folder
+(checkpoints, TensorBoard, resume); code extraction tokenizes a split once and caches it, as
+LlamaGen's extract_codes and VAR's pre-tokenisation do. A cache records what produced it (the
+tokenizer's parameters, the data, the encoder) and is rebuilt when that changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from arjax import config as cfglib
+from arjax import sharding
+from arjax.data import Batches
+from arjax.data.sources import ArraySource
+from arjax.models import split
+from arjax.optim import OptimConfig, make_optimizer
+from arjax.train import fit, init_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    optim: OptimConfig = OptimConfig()
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_every: int = 0  # 0 = evaluate only at the end (digits: FID-digits etc. of samples)
+
+    def validate(self, name: str) -> None:
+        cfglib.check(self.steps >= 0, f"{name}.steps must be >= 0, got {self.steps}")
+        for field in ("batch_size", "log_every", "ckpt_every"):
+            value = getattr(self, field)
+            cfglib.check(value >= 1, f"{name}.{field} must be >= 1, got {value}")
+        cfglib.check(self.eval_every >= 0,
+                     f"{name}.eval_every must be >= 0 (0 = at the end), got {self.eval_every}")
+
+
+def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
+                workdir, progress=True, evaluate=None):
+    """Trains one stage (or resumes / loads it when complete); returns (graphdef, params,
+    logged history, earlier runs' rows included)."""
+    graphdef, _ = split(nnx.eval_shape(module_fn))
+    tx = make_optimizer(stage.optim)
+    state, history = fit(
+        name=name, init_fn=lambda: init_state(split(module_fn())[1], tx, seed),
+        train_step=make_train_step(graphdef, loss_fn, tx),
+        make_batches=lambda start: Batches(source, stage.batch_size, seed, mesh, start),
+        steps=stage.steps, mesh=mesh, workdir=workdir, log_every=stage.log_every,
+        ckpt_every=stage.ckpt_every, evaluate=evaluate, eval_every=stage.eval_every,
+        progress=progress)
+    return graphdef, state.params, history
+
+
+def check_stages(cfg, mesh, *names: str) -> None:
+    """For each stage `name`: `cfg.<name>_ckpt` exists if set, otherwise `cfg.<name>_train`
+    is valid, has steps and a batch that fills the mesh."""
+    for name in names:
+        ckpt, stage = getattr(cfg, f"{name}_ckpt"), getattr(cfg, f"{name}_train")
+        stage.validate(f"{name}_train")
+        if ckpt is not None:
+            cfglib.check(os.path.isfile(ckpt), f"{name}_ckpt {ckpt!r} does not exist")
+            continue
+        cfglib.check(stage.steps > 0, f"{name}_train.steps must be > 0 (or set {name}_ckpt)")
+        sharding.check_batch(stage.batch_size, mesh, f"{name}_train.batch_size")
+
+
+def check_sampling(cfg, num_classes: int, mesh) -> None:
+    """The sampling fields of `ExperimentConfig`: classes in range, batches that fill the
+    mesh."""
+    cfglib.check(len(cfg.sample_classes) > 0 and cfg.samples_per_class >= 1,
+                 "sample_classes must be non-empty and samples_per_class >= 1")
+    cfglib.check(all(0 <= c < num_classes for c in cfg.sample_classes),
+                 f"sample_classes must lie in [0, {num_classes})")
+    cfglib.check(cfg.encode_batch >= 1, f"encode_batch must be >= 1, got {cfg.encode_batch}")
+    sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
+                         "samples_per_class * len(sample_classes)")
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        sharding.check_batch(cfg.eval_samples_per_class * num_classes, mesh,
+                             "eval_samples_per_class * model.num_classes")
+
+
+class CodesSource(ArraySource):
+    """Pre-extracted codes: rows are {"codes": int32 [L] (or float moments), "label"}."""
+
+    def __getitem__(self, indices):
+        return {"codes": self.images[indices], "label": self.labels[indices]}
+
+
+def fingerprint(params, **producer) -> str:
+    """A hash of everything that determines a split's codes: the tokenizer's parameters
+    (bytes) and the JSON-able `producer` facts (tokenizer config, data config, split...)."""
+    digest = hashlib.sha256(json.dumps(producer, sort_keys=True, default=str).encode())
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_cache(path: str, expected: str) -> CodesSource | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["fingerprint"]) != expected:
+                print(f"{path} was extracted by another tokenizer or data config: re-extracting")
+                return None
+            return CodesSource(data["codes"], data["label"], int(data["num_classes"]))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        print(f"{path} is unreadable ({type(e).__name__}): re-extracting")
+        return None
+
+
+def extract_codes(encode, source, batch: int, cache_path: str | None,
+                  producer: str) -> CodesSource:
+    """Tokenizes a whole split once with `encode(uint8 images) -> codes [B, ...]` (jitted by
+    the caller; int codes, or a KL-VAE's float posterior moments). With `cache_path` the codes
+    are cached as .npz (written atomically) under the `producer` fingerprint, and reused only
+    while it matches."""
+    if cache_path and os.path.exists(cache_path):
+        cached = _read_cache(cache_path, producer)
+        if cached is not None:
+            return cached
+    codes, labels = [], []
+    for start in tqdm(range(0, source.num_examples, batch), desc="extract codes"):
+        rows = source[np.arange(start, min(start + batch, source.num_examples))]
+        codes.append(np.asarray(jax.device_get(encode(rows["image"]))))
+        labels.append(rows["label"])
+    codes, labels = np.concatenate(codes), np.concatenate(labels)
+    if cache_path:
+        partial = f"{cache_path}.partial.npz"
+        np.savez(partial, codes=codes, label=labels, num_classes=source.num_classes,
+                 fingerprint=producer)
+        os.replace(partial, cache_path)
+    return CodesSource(codes, labels, source.num_classes)
