@@ -1,4 +1,6 @@
-# `make demo` and `make test` each set up everything on a fresh machine.
+# `make demo`, `make test` and `make test-all` each set up everything on a fresh machine.
+# test: the quick suite (unit tests, no end-to-end runs); test-all: everything, including the
+# slow end-to-end experiment runs and the notebooks in colabs/ (what CI runs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -22,7 +24,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q -x -n 2 --durations=15
 
 test-all: $(STAMP) lint
-	$(PY) -m pytest -q -n 2 -m "slow or not slow"
+	$(PY) -m pytest -q -n 2 -m "slow or not slow" --durations=25
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.llamagen_sampling

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from arjax.models import bind, split
-from arjax.models.flowar import FlowAR, flowar_config, scale_bounds, teacher_inputs
+from arjax.models.flowar import FlowAR, flowar_config, teacher_inputs
+from arjax.nn.scales import scale_bounds
 from arjax.sampling.flowar import FlowSampleConfig, sample_latents
 from arjax.tokenizers.kl import KL_16, KLVAE
 from benchmarks.official_flowar import official_flowar, official_kl16

@@ -36,10 +36,15 @@ SAMPLE = {"S": flowar_sampling.FlowSampleConfig(num_steps=25, cfg=4.3, guidance=
           "H": flowar_sampling.FlowSampleConfig(num_steps=50, cfg=2.4, guidance=0.7)}
 
 
+def head_calls(sample_cfg) -> int:
+    """Flow-head evaluations per image over FlowAR's 5 scales (Euler: one per step)."""
+    return sum(len(g) - 1 for g in sample_cfg.grids(5))
+
+
 def time_arjax(model, vae, sample_cfg, batch: int, repeats: int) -> tuple[float, float]:
     (graphdef, params), (vae_graphdef, vae_params) = model, vae
     fn = jax.jit(lambda p, vp, k, y: flowar_sampling.sample(
-        graphdef, p, vae_graphdef, vp, k, y, sample_cfg, KL_16.scale)[0])
+        graphdef, p, vae_graphdef, vp, k, y, sample_cfg, KL_16.scale).images)
     labels = jnp.arange(batch, dtype=jnp.int32) * 97 % 1000
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, vae_params, jax.random.key(0), labels))
@@ -84,7 +89,7 @@ def main(argv=None) -> None:
     vae = (split(nnx.eval_shape(vae_fn))[0], with_unit_norms(random_params(vae_fn, 1, 0.02)))
     model = (model[0], jax.tree.map(jnp.asarray, model[1]))
     vae = (vae[0], jax.tree.map(jnp.asarray, vae[1]))
-    print(f"FlowAR-{args.size}: {sample_cfg.head_calls(5)} flow-head calls per image "
+    print(f"FlowAR-{args.size}: {head_calls(sample_cfg)} flow-head calls per image "
           f"(steps per scale {[len(g) - 1 for g in sample_cfg.grids(5)]})")
     for batch in args.batches:
         ours, compile_s = time_arjax(model, vae, sample_cfg, batch, args.repeats)
@@ -93,7 +98,7 @@ def main(argv=None) -> None:
         if args.disa:
             disa_cfg = dataclasses.replace(sample_cfg, disa_min_steps=args.disa)
             disa, _ = time_arjax(model, vae, disa_cfg, batch, args.repeats)
-            line += (f", DiSA {sample_cfg.num_steps}->{args.disa} ({disa_cfg.head_calls(5)} "
+            line += (f", DiSA {sample_cfg.num_steps}->{args.disa} ({head_calls(disa_cfg)} "
                      f"calls) {disa:.2f} s = x{ours / disa:.2f}")
         if args.official:
             theirs, decode = time_official(args.official, args.size, model, vae, sample_cfg,

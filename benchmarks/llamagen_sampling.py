@@ -4,7 +4,7 @@
 
 `--official` points at a checkout of FoundationVision/LlamaGen (not part of arjax); its
 `generate()` is then timed in the same process, on the same machine, with the same settings
-(cfg_scale 2.0, temperature 1, no top-k/top-p, fp32). Timings exclude compilation (arjax
+(guidance 2.0, temperature 1, no top-k/top-p, fp32). Timings exclude compilation (arjax
 compiles once per batch size; reported separately) and are the median of `--repeats` runs.
 """
 
@@ -46,7 +46,7 @@ def time_arjax(batch: int, repeats: int) -> tuple[float, float]:
                                                           params["output"]["kernel"].shape)
     print(f"arjax GPT-B params: {param_count(params) / 1e6:.1f} M")
     fn = jax.jit(sample, static_argnames="cfg")
-    cfg = SampleConfig(cfg_scale=CFG_SCALE)
+    cfg = SampleConfig(cfg=CFG_SCALE)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     t0 = time.perf_counter()
     jax.block_until_ready(fn(graphdef, params, jax.random.key(0), labels, cfg))

@@ -29,12 +29,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from arjax.stages import extract_codes, train_stage
 from flax import nnx
 
 from arjax import sharding
 from arjax.data.sources import open_source
 from arjax.evaluate import evaluate_digits
+from arjax.experiment.pipeline import extract_codes, fingerprint, train_stage
+from arjax.images import to_float
 from arjax.metrics.digits import DigitsEvaluator
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, gpt_config
@@ -71,8 +72,11 @@ def load(cfg, workdir: str, mesh):
     vq_fn = lambda: VQTokenizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
     vq = train_stage("tokenizer", vq_fn, exp.tokenizer_loss, cfg.tokenizer_train, train,
                      cfg.seed, mesh, workdir)[:2]
-    codes = extract_codes(exp.encoder(*vq), train, cfg.encode_batch,
-                          f"{workdir}/codes_train.npz")
+    encode = jax.jit(lambda p, x: bind(vq[0], p).encode(to_float(x)))
+    codes = extract_codes(lambda images: encode(vq[1], images), train, cfg.encode_batch,
+                          f"{workdir}/codes_train.npz",
+                          fingerprint(vq[1], tokenizer=cfg.tokenizer, data=cfg.data,
+                                      split="train"))
     stage = lambda name, model_cfg, seed, st: train_stage(
         name, lambda: RasterAR(model_cfg, rngs=nnx.Rngs(cfg.seed + seed)), exp.gpt_loss, st,
         codes, cfg.seed, mesh, workdir)[:2]
@@ -80,9 +84,14 @@ def load(cfg, workdir: str, mesh):
             stage("draft", cfg.draft_model, 2, cfg.draft_train), train.images)
 
 
+def with_spec(cfg, spec):
+    """The experiment config sampling plainly (spec None) or with `spec`."""
+    return dataclasses.replace(cfg, speculative=spec or SpeculativeConfig(draft_len=0))
+
+
 def timed(generate, params, labels, repeats: int) -> float:
     generate(params, labels, jax.random.key(0))  # compile
-    return float(np.median([generate(params, labels, jax.random.key(r + 1))[2]["seconds"]
+    return float(np.median([generate(params, labels, jax.random.key(r + 1)).stats["seconds"]
                             for r in range(repeats)]))
 
 
@@ -181,20 +190,21 @@ def main(argv=None) -> None:
           f"sample config {cfg.sample}")
     runs = sweep(args.quick)
     for i, (method, knob, spec) in enumerate(runs):
-        generate = exp.make_generator(gpt[0], *vq, mesh, cfg.sample, spec, draft)
+        generate = exp.make_sampler(gpt[0], *vq, mesh, with_spec(cfg, spec), draft)
         t_b1 = np.mean([timed(generate, gpt[1], np.array([c], np.int32), args.repeats)
                         for c in (1, 7)])
         t_b80 = timed(generate, gpt[1], batch_labels, args.repeats)
-        images, _, info = generate(gpt[1], eval_labels, jax.random.key(123))
+        generated = generate(gpt[1], eval_labels, jax.random.key(123))
+        images, info = generated.images, generated.stats
         quality = evaluate_digits(images, eval_labels, train_images, evaluator)
         tokens_per_row = cfg.model.seq_len
         rows.append(dict(
             method=method, knob=knob, config=dataclasses.asdict(spec) if spec else None,
             accepted_per_round=info.get("mean_accepted_per_round", 0.0),
             first_draft_acceptance=info.get("first_draft_acceptance"),
-            target_calls_batch400=info["forward_passes"],
+            target_calls_batch400=info["target_passes"],
             step_compression=tokens_per_row / info.get("mean_rounds", tokens_per_row),
-            batch_compression=tokens_per_row / info["forward_passes"],
+            batch_compression=tokens_per_row / info["target_passes"],
             seconds_b1=t_b1, seconds_b80=t_b80, fid_digits=quality["fid_digits"],
             class_accuracy=quality["class_accuracy"]))
         print(f"[{i + 1}/{len(runs)}] {method} {knob}: {rows[-1]['step_compression']:.2f}x "
@@ -211,8 +221,8 @@ def main(argv=None) -> None:
               f"{r['seconds_b1']:.3f} | {r['speedup_b1']:.2f}x | {r['seconds_b80']:.3f} | "
               f"{r['speedup_b80']:.2f}x | {r['fid_digits']:.2f} | {r['class_accuracy']:.3f}")
 
-    generate = exp.make_generator(gpt[0], *vq, mesh, cfg.sample)
-    _, tokens, _ = generate(gpt[1], eval_labels, jax.random.key(7))
+    generate = exp.make_sampler(gpt[0], *vq, mesh, with_spec(cfg, None))
+    tokens = generate(gpt[1], eval_labels, jax.random.key(7)).aux["tokens"]
     bound = acceptance_vs_bound(gpt, draft, jnp.asarray(tokens), jnp.asarray(eval_labels),
                                 cfg.sample)
     cost = window_cost(gpt)

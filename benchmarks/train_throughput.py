@@ -13,11 +13,11 @@ import time
 
 import jax
 import numpy as np
-from arjax.stages import CodesSource
 from flax import nnx
 
 from arjax import sharding
 from arjax.data import Batches, open_source
+from arjax.experiment.pipeline import CodesSource
 from arjax.models import split
 from arjax.models.raster_ar import RasterAR
 from arjax.optim import make_optimizer

@@ -26,7 +26,7 @@ from arjax.sampling import var as var_sampling
 from arjax.tokenizers.msvq import VAR_VAE, MultiScaleVQVAE
 from benchmarks.llamagen_sampling import median_time
 
-SAMPLE = var_sampling.VARSampleConfig(cfg=1.5, top_k=900, top_p=0.96)
+SAMPLE = var_sampling.VARSampleConfig(cfg=2.5, top_k=900, top_p=0.96)  # official cfg=1.5
 
 
 def time_arjax(depth: int, batch: int, repeats: int) -> tuple[float, float]:
@@ -36,7 +36,7 @@ def time_arjax(depth: int, batch: int, repeats: int) -> tuple[float, float]:
     graphdef = split(nnx.eval_shape(lambda: VAR(var_config(depth), rngs=nnx.Rngs(0))))[0]
     vae_graphdef = split(nnx.eval_shape(lambda: MultiScaleVQVAE(VAR_VAE, rngs=nnx.Rngs(1))))[0]
     fn = jax.jit(lambda p, vp, k, y: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, y,
-                                                         SAMPLE)[0])
+                                                         SAMPLE).images)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, vae_params, jax.random.key(0), labels))

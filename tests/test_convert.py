@@ -1,6 +1,7 @@
 """Official LlamaGen checkpoints: key names, shapes, safe loading, strict errors, round trip."""
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -61,16 +62,18 @@ def test_vq16_key_table_matches_official():
     assert sum(np.prod(s) for s in shapes.values()) == pytest.approx(71.9e6, rel=2e-3)
 
 
-def save_like_official(path, state_dict, wrap: bool):
+def save_like_official(path, state_dict, wrap):
     torch = pytest.importorskip("torch")
     tensors = {k: torch.from_numpy(v.copy()) for k, v in state_dict.items()}
     obj = tensors
-    if wrap:  # LlamaGen DDP files: {"model", "optimizer", "steps", "args": Namespace}
-        obj = {"model": tensors, "steps": 10, "args": argparse.Namespace(gpt_model="GPT-B")}
+    if wrap:  # LlamaGen DDP files: {"model", "optimizer", "steps", "args": Namespace}; also
+        # DeepSpeed's "module" and Lightning's "state_dict", which the official sampler reads
+        key = wrap if isinstance(wrap, str) else "model"
+        obj = {key: tensors, "steps": 10, "args": argparse.Namespace(gpt_model="GPT-B")}
     torch.save(obj, path)
 
 
-@pytest.mark.parametrize("wrap", [True, False])
+@pytest.mark.parametrize("wrap", [True, False, "module", "state_dict"])
 def test_gpt_round_trip_through_torch_file(tmp_path, wrap):
     graphdef, params = tiny_gpt()
     sd = llamagen.to_torch(params)
@@ -124,3 +127,27 @@ def test_unreadable_file(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointMismatch, match="not a readable"):
         llamagen.load_gpt(str(path), tiny_gpt_config())
+
+
+def test_no_known_wrapper_names_the_top_level_keys(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"weights_here": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointMismatch, match=r"top-level keys are \['epoch', "
+                                                   r"'weights_here'\]"):
+        llamagen.load_gpt(str(tmp_path / "odd.pt"), tiny_gpt_config())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > " + os.environ["ARJAX_PWNED"],))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path, monkeypatch, protocol):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("ARJAX_PWNED", str(tmp_path / "pwned"))
+    torch.save({"model": {"w": Payload()}}, tmp_path / "evil.pt", pickle_protocol=protocol)
+    with pytest.raises(CheckpointMismatch, match=r"code objects \((posix|nt)\.system\)") as e:
+        llamagen.load_gpt(str(tmp_path / "evil.pt"), tiny_gpt_config())
+    assert "weights_only=False" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()

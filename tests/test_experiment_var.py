@@ -1,11 +1,12 @@
-"""experiments.var_imagenet: bad input fails before compilation; a smoke run end to end on the
-8 simulated devices (resume and the digits evaluation hook are the shared `arjax.stages` code,
-covered by the LlamaGen experiment's smoke test)."""
+"""experiments.var_imagenet: bad input fails before compilation; a run end to end on the 8
+simulated devices (slow; resume, re-sampling and the digits evaluation hook are the shared
+`arjax.experiment` code, covered by the LlamaGen experiment's run)."""
 
 import json
 import os
 
 import pytest
+from test_experiment_llamagen import check_report
 
 from arjax.config import ConfigError, override
 from experiments import var_imagenet as exp
@@ -20,11 +21,13 @@ SMOKE = override(exp.DIGITS, [
 
 @pytest.mark.parametrize("overrides,match", [
     (["sample.cfg=-1.0"], "cfg"),
+    (["sample.cfg_schedule=exp"], "cfg_schedule"),
     (["sample.top_k=65"], "top_k"),
     (["var_train.batch_size=12"], "multiple of the 8"),
-    (["model.vocab_size=128"], "must equal the tokenizer"),
-    (["model.patch_nums=[1,2,4,8]"], "patch_nums"),
-    (["tokenizer.patch_nums=[1,2,4]", "model.patch_nums=[1,2,4]"], "latent side"),
+    (["var_train.ckpt_every=0"], "var_train.ckpt_every must be >= 1"),
+    (["model.vocab_size=128"], "derived from tokenizer.codebook_size"),
+    (["model.patch_nums=[1,2,4,8]"], "derived from tokenizer.patch_nums"),
+    (["tokenizer.patch_nums=[1,2,4]"], "latent side"),
     (["var_ckpt=/nonexistent/var_d16.pth"], "does not exist"),
 ])
 def test_bad_input_fails_before_compilation(overrides, match, no_compilation, tmp_path):
@@ -32,14 +35,17 @@ def test_bad_input_fails_before_compilation(overrides, match, no_compilation, tm
         exp.run(override(SMOKE, overrides), str(tmp_path), progress=False)
 
 
-def test_digits_smoke_run(tmp_path):
+@pytest.mark.slow
+def test_digits_run(tmp_path):
     summary = exp.run(SMOKE, str(tmp_path), progress=False)
     assert summary["images"].shape == (80, 32, 32, 3)
-    assert summary["sample/forward_passes"] == len(exp.DIGITS_PATCH)
-    for f in ("samples.png", "samples.npz", "summary.json", "codes_train.npz",
-              "var/tb/metrics.jsonl", "tokenizer/ckpt/2", "var/ckpt/2"):
+    patch = exp.DIGITS.tokenizer.patch_nums
+    assert summary["sample/target_passes"] == len(patch)  # counted in the sampler
+    assert 0 < summary["tokenizer/final_mse"] < 4 and summary["var/final_loss"] > 0
+    saved, arrays = check_report(tmp_path / "samples" / "step2", summary, 8, range(10))
+    assert arrays["codes"].shape == (80, sum(p * p for p in patch))
+    assert saved["config"]["model"]["patch_nums"] == list(patch)
+    for f in ("codes_train.npz", "tokenizer/ckpt/2", "var/ckpt/2"):
         assert os.path.exists(tmp_path / f), f
-    saved = json.load(open(tmp_path / "summary.json"))
-    assert saved["config"]["model"]["patch_nums"] == list(exp.DIGITS_PATCH)
     logs = [json.loads(line) for line in open(tmp_path / "var/tb/metrics.jsonl")]
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2]

@@ -14,9 +14,9 @@ from arjax.models.flowar import (
     FlowARConfig,
     flow_matching_loss,
     flowar_config,
-    scale_bounds,
     teacher_inputs,
 )
+from arjax.nn.scales import scale_bounds
 from arjax.sampling import ode
 from arjax.sampling.flowar import FlowSampleConfig, sample_latents
 from arjax.tokenizers.kl import KL_16, KLVAE
@@ -43,7 +43,7 @@ def test_official_parameter_counts():
     assert round(count(lambda: KLVAE(KL_16, rngs=nnx.Rngs(0))) / 1e6, 1) == 66.5
 
 
-@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("cross", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_cached_decode_equals_teacher_forcing(cross):
     cfg, graphdef, params = tiny(cross)
     model = nnx.merge(graphdef, params)
@@ -135,7 +135,8 @@ def test_official_time_grid_and_disa_schedule():
     assert sum(len(g) - 1 for g in FlowSampleConfig(num_steps=25).grids(5)) == 120
 
 
-@pytest.mark.parametrize("cross", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
+@pytest.mark.parametrize("cross", [False, True])
 def test_sampler_guidance_interval(cross):
     """Guidance only while t <= `guidance`: with guidance 0 no step is guided and the cond
     half is exactly the unguided sample (same noise); guided sampling differs; stats count

@@ -69,6 +69,7 @@ def digits_evaluator():
     return DigitsEvaluator.load()  # cached in $ARJAX_CACHE (set by conftest)
 
 
+@pytest.mark.slow  # trains the digits evaluator (~2 min) unless cached: make test-all
 def test_digits_evaluator_separates_real_digits_from_noise(digits_evaluator, tmp_path):
     test = digits("test", 32)
     real = evaluate.evaluate_digits(test.images, test.labels, evaluator=digits_evaluator)
@@ -80,6 +81,7 @@ def test_digits_evaluator_separates_real_digits_from_noise(digits_evaluator, tmp
     assert real["precision"] > 0.7 and noise["precision"] < 0.05
 
 
+@pytest.mark.slow  # needs the digits evaluator: make test-all
 def test_evaluate_cli_writes_json(digits_evaluator, tmp_path, monkeypatch):
     monkeypatch.setattr(DigitsEvaluator, "load", classmethod(lambda cls: digits_evaluator))
     test = digits("test", 32)

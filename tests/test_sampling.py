@@ -131,3 +131,24 @@ def test_bad_sample_config_raises_before_compilation(bad, match):
     with pytest.raises(ConfigError, match=match):
         jax.jit(sample, static_argnames="cfg").lower(graphdef, params, jax.random.key(0),
                                                      jnp.array([0]), bad)
+
+
+def test_generator_contract_on_8_devices(devices):
+    """make_generator: images (uint8 on the host) and aux sharded over the batch, stats as
+    Python numbers plus the timed seconds; labels reach the sampler unchanged."""
+    from arjax import sharding
+    from arjax.sampling.generator import Samples, make_generator
+
+    def sample_fn(params, key, labels):
+        images = jnp.broadcast_to((labels[:, None, None, None] / 8.0) * params["scale"],
+                                  (labels.shape[0], 4, 4, 3))
+        passes = jax.lax.fori_loop(0, 5, lambda i, n: n + 1, jnp.int32(0))
+        return Samples(images, {"labels_seen": labels}, {"target_passes": passes})
+
+    generate = make_generator(sample_fn, sharding.make_mesh((("data", 8),), devices))
+    labels = np.arange(8, dtype=np.int32)
+    out = generate({"scale": jnp.float32(1.0)}, labels, jax.random.key(0))
+    assert out.images.dtype == np.uint8 and out.images.shape == (8, 4, 4, 3)
+    np.testing.assert_array_equal(out.images[:, 0, 0, 0], np.round((labels / 8 + 1) * 127.5))
+    np.testing.assert_array_equal(out.aux["labels_seen"], labels)
+    assert out.stats["target_passes"] == 5 and out.stats["seconds"] > 0

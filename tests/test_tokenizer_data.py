@@ -23,6 +23,7 @@ def test_digits_splits():
     np.testing.assert_array_equal(digits("train", 32).images, train.images)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
 def test_quantizer_picks_nearest_normalised_code():
     vq = VQTokenizer(TINY_VQ, rngs=nnx.Rngs(0))
     z = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
@@ -33,6 +34,7 @@ def test_quantizer_picks_nearest_normalised_code():
     np.testing.assert_allclose(z_q, table[codes], atol=1e-6)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
 def test_tokenizer_learns_to_reconstruct_digits():
     """A short training run gives a measured reconstruction bound on held-out digits."""
     graphdef, params = split(VQTokenizer(TINY_VQ, rngs=nnx.Rngs(0)))

@@ -62,6 +62,7 @@ def test_same_loss_trajectory_on_1_and_8_devices(devices):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # exact resume is also checked by the corrupt-checkpoint test: make test-all
 def test_resume_gives_identical_params(tmp_path, devices):
     mesh = sharding.make_mesh((("data", 2), ("fsdp", 1)), devices[:2])
     straight, _ = run(mesh, 4)
@@ -72,6 +73,7 @@ def test_resume_gives_identical_params(tmp_path, devices):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
 def test_sigterm_saves_and_exits(tmp_path, devices):
     mesh = sharding.make_mesh((("data", 1),), devices[:1])
 

@@ -12,7 +12,8 @@ from flax import nnx
 
 from arjax.config import ConfigError
 from arjax.models import bind, split
-from arjax.models.var import VAR, VARConfig, scale_bounds, var_config
+from arjax.models.var import VAR, VARConfig, var_config
+from arjax.nn.scales import scale_bounds
 from arjax.sampling import var as var_sampling
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
@@ -28,6 +29,7 @@ def randomised(module_fn, seed, scale=0.3):
     return split(nnx.eval_shape(module_fn))[0], random_params(module_fn, seed, scale)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
 def test_official_sizes_and_phi_tables():
     counts = {d: sum(x.size for x in jax.tree.leaves(split(nnx.eval_shape(
         lambda d=d: VAR(var_config(d), rngs=nnx.Rngs(0))))[1])) for d in (16, 20, 24, 30, 36)}
@@ -113,6 +115,7 @@ def per_scale(flat):
     return jnp.split(flat, np.cumsum([p * p for p in PATCH])[:-1], axis=1)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
 def test_sampler_shapes_and_stats():
     model = randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3)
     vae = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
@@ -126,8 +129,9 @@ def test_sampler_shapes_and_stats():
         assert int(out.stats["target_passes"]) == len(PATCH)
 
 
-@pytest.mark.parametrize("cfg,schedule", [(1.0, "linear"), (4.0, "linear"),
-                                          (4.0, "constant")])
+@pytest.mark.parametrize("cfg,schedule", [
+    pytest.param(1.0, "linear", marks=pytest.mark.slow), (4.0, "linear"),
+    pytest.param(4.0, "constant", marks=pytest.mark.slow)])
 def test_greedy_codes_follow_the_guidance_schedule(cfg, schedule):
     """With top_k = 1 each scale's codes are argmax(u + w_k (c - u)) of the teacher-forced
     cond/null logits of those very codes, w_k = 1 + (cfg - 1) k / (K - 1) ("linear", VAR's
@@ -136,8 +140,10 @@ def test_greedy_codes_follow_the_guidance_schedule(cfg, schedule):
     vae = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
     labels = jnp.array([0, 1, 2, 3])
     sc = var_sampling.VARSampleConfig(cfg=cfg, cfg_schedule=schedule, top_k=1, top_p=1.0)
-    codes = jax.jit(var_sampling.sample, static_argnames="cfg")(
-        *model, *vae, jax.random.key(1), labels, sc).aux["codes"]
+    out = jax.jit(var_sampling.sample, static_argnames="cfg")(
+        *model, *vae, jax.random.key(1), labels, sc)
+    codes = out.aux["codes"]
+    assert int(out.stats["target_passes"]) == len(PATCH)  # counted in the sampler
     inputs = jax.jit(lambda v: bind(*v).quantize.teacher_inputs(per_scale(codes), 4))(vae)
     forward = jax.jit(lambda m, y: bind(*m)(y, inputs))
     null = jnp.full_like(labels, TINY_VAR.num_classes)
@@ -151,6 +157,7 @@ def test_greedy_codes_follow_the_guidance_schedule(cfg, schedule):
         assert not np.array_equal(jnp.argmax(cond, -1), codes)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores: make test-all
 def test_smoothing_mixes_code_vectors_with_gumbel_noise(monkeypatch):
     """`smooth` (the official more_smooth) leaves the sampled codes of the first scale alone
     but builds f_hat from softmax((logits (1 + r) + g) / tau) @ codebook: with a codebook of

@@ -13,14 +13,15 @@ The VAE's module names are VAR's (`vae_torch_name`).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
-from flax import nnx
 
 from arjax.convert import torch_io
 from arjax.convert.var import vae_torch_name
 from arjax.models.flowar import FlowAR, FlowARConfig
+from arjax.nn.scales import block_causal_mask
 from arjax.tokenizers.kl import KLVAE, KLConfig
 
 _RENAMES = ((r"((?:encoder|decoder)_blocks\.\d+\.ada_lin)\.", r"\1.1."),
@@ -37,8 +38,7 @@ def flowar_torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.
 
 def flowar_buffers(cfg: FlowARConfig) -> dict[str, np.ndarray]:
     """The official module's buffers: the additive block-causal mask and RoPE frequencies."""
-    levels = np.repeat(np.arange(len(cfg.scales)), [n * n for n in cfg.scales])
-    mask = np.where(levels[:, None] >= levels[None, :], 0.0, -np.inf).astype(np.float32)
+    mask = np.where(block_causal_mask(cfg.scales), 0.0, -np.inf).astype(np.float32)
     freqs = lambda head_dim: (1.0 / 10000 ** (np.arange(0, head_dim // 2, 2)
                                               .astype(np.float32) / (head_dim // 2)))
     out = {"mask": mask[None, None]}
@@ -51,19 +51,20 @@ def flowar_buffers(cfg: FlowARConfig) -> dict[str, np.ndarray]:
     return out
 
 
+FLOWAR_FORMAT = torch_io.Format(FlowAR, flowar_torch_name, buffers=flowar_buffers,
+                                subkeys=("model_ema", "ema", "model"))
+
+
 def flowar_params_from_torch(state_dict, cfg: FlowARConfig):
-    abstract = torch_io.abstract_params(lambda: FlowAR(cfg, rngs=nnx.Rngs(0)))
-    return torch_io.convert(state_dict, abstract, flowar_torch_name,
-                            ignore=tuple(flowar_buffers(cfg)))
+    return FLOWAR_FORMAT.from_torch(state_dict, cfg)
 
 
 def load_flowar(path: str, cfg: FlowARConfig):
-    state_dict = torch_io.load_state_dict(path, subkeys=("model_ema", "ema", "model"))
-    return flowar_params_from_torch(state_dict, cfg)
+    return FLOWAR_FORMAT.load(path, cfg)
 
 
 def flowar_to_torch(params, cfg: FlowARConfig) -> dict:
-    return {**torch_io.export(params, flowar_torch_name), **flowar_buffers(cfg)}
+    return FLOWAR_FORMAT.to_torch(params, cfg)
 
 
 def kl_weights(state_dict, ema: bool = False) -> dict[str, np.ndarray]:
@@ -77,14 +78,18 @@ def kl_weights(state_dict, ema: bool = False) -> dict[str, np.ndarray]:
     return weights
 
 
+def kl_format(ema: bool = False) -> torch_io.Format:
+    return torch_io.Format(KLVAE, vae_torch_name, subkeys=("model",),
+                           prepare=functools.partial(kl_weights, ema=ema))
+
+
 def kl_params_from_torch(state_dict, cfg: KLConfig, ema: bool = False):
-    abstract = torch_io.abstract_params(lambda: KLVAE(cfg, rngs=nnx.Rngs(0)))
-    return torch_io.convert(kl_weights(state_dict, ema), abstract, vae_torch_name)
+    return kl_format(ema).from_torch(state_dict, cfg)
 
 
 def load_kl(path: str, cfg: KLConfig, ema: bool = False):
-    return kl_params_from_torch(torch_io.load_state_dict(path, subkeys=("model",)), cfg, ema)
+    return kl_format(ema).load(path, cfg)
 
 
 def kl_to_torch(params) -> dict:
-    return torch_io.export(params, vae_torch_name)
+    return kl_format().to_torch(params)

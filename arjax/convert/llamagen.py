@@ -2,19 +2,16 @@
 
 Names follow the official state_dicts (models/gpt.py, tokenizer_image/vq_model.py); arjax
 module paths mirror them, so the mapping is mechanical: `/` -> `.`, Dense/Conv `kernel` ->
-`weight` (transposed), GroupNorm `scale` -> `weight`, Embed `embedding` -> `weight`.
+`weight` (transposed), GroupNorm `scale` -> `weight`, Embed `embedding` -> `weight`. GPT files
+are DDP dicts ("model"/"ema"), DeepSpeed ("module"), Lightning ("state_dict") or bare FSDP
+state_dicts; the VQ's weights are under "model".
 """
 
 from __future__ import annotations
 
-from flax import nnx
-
 from arjax.convert import torch_io
 from arjax.models.raster_ar import RasterAR, RasterARConfig
 from arjax.tokenizers.vq import VQConfig, VQTokenizer
-
-GPT_BUFFERS = ("freqs_cis",)
-VQ_BUFFERS = ("quantize.codebook_used",)
 
 
 def torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transform]:
@@ -24,26 +21,29 @@ def torch_name(path: str, shape: tuple[int, ...]) -> tuple[str, torch_io.Transfo
     return torch_io.default_torch_name(path, shape)
 
 
+GPT = torch_io.Format(RasterAR, torch_name, buffers=lambda cfg: ("freqs_cis",))
+VQ = torch_io.Format(VQTokenizer, torch_name, buffers=lambda cfg: ("quantize.codebook_used",),
+                     subkeys=("model",))
+
+
 def gpt_params_from_torch(state_dict, cfg: RasterARConfig):
-    abstract = torch_io.abstract_params(lambda: RasterAR(cfg, rngs=nnx.Rngs(0)))
-    return torch_io.convert(state_dict, abstract, torch_name, ignore=GPT_BUFFERS)
+    return GPT.from_torch(state_dict, cfg)
 
 
 def vq_params_from_torch(state_dict, cfg: VQConfig):
-    abstract = torch_io.abstract_params(lambda: VQTokenizer(cfg, rngs=nnx.Rngs(0)))
-    return torch_io.convert(state_dict, abstract, torch_name, ignore=VQ_BUFFERS)
+    return VQ.from_torch(state_dict, cfg)
 
 
 def load_gpt(path: str, cfg: RasterARConfig):
-    """Official `c2i_*.pt` (DDP dict with "model"/"ema", or bare FSDP state_dict)."""
-    return gpt_params_from_torch(torch_io.load_state_dict(path), cfg)
+    """Official `c2i_*.pt`."""
+    return GPT.load(path, cfg)
 
 
 def load_vq(path: str, cfg: VQConfig):
-    """Official `vq_ds16_c2i.pt` / `vq_ds8_c2i.pt` (weights under "model")."""
-    return vq_params_from_torch(torch_io.load_state_dict(path, subkeys=("model",)), cfg)
+    """Official `vq_ds16_c2i.pt` / `vq_ds8_c2i.pt`."""
+    return VQ.load(path, cfg)
 
 
 def to_torch(params) -> dict:
-    """arjax params -> official-named numpy state_dict (for export and round-trip tests)."""
-    return torch_io.export(params, torch_name)
+    """arjax params (GPT or VQ) -> official-named numpy state_dict."""
+    return GPT.to_torch(params)

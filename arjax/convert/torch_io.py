@@ -8,8 +8,10 @@ are read without torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import pickle
+import pickletools
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,15 +48,16 @@ def load_state_dict(path: str, subkeys: Sequence[str] = WRAPPERS) -> dict[str, n
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # the safe unpickler met a class or function
-        raise CheckpointMismatch(
-            f"{path!r} contains pickled Python code objects (classes or functions), so it is "
-            "not a plain weights file; arjax does not execute code from checkpoints. Re-save "
-            "its state_dict with torch.save(model.state_dict(), ...) in a trusted "
-            "environment.") from None
-    except Exception as e:
+    except Exception as e:  # torch's advice (weights_only=False) would run the file's code
+        code = _code_globals(path)
+        if code:
+            raise CheckpointMismatch(
+                f"{path!r} contains pickled Python code objects ({', '.join(code[:5])}), so "
+                "it is not a weights file; arjax never executes code from checkpoints. Re-save "
+                "its state_dict with torch.save(model.state_dict(), ...) where you trust the "
+                "file.") from None
         raise CheckpointMismatch(f"{path!r} is not a readable PyTorch checkpoint "
-                                 f"({type(e).__name__}: {e})") from None
+                                 f"({type(e).__name__})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointMismatch(f"{path!r} holds a {type(obj).__name__}, not a state_dict")
     top = obj
@@ -68,6 +71,34 @@ def load_state_dict(path: str, subkeys: Sequence[str] = WRAPPERS) -> dict[str, n
             f"{path!r} holds no tensors under any of {list(subkeys)}; its top-level keys are "
             f"{sorted(map(str, top))[:20]}")
     return tensors
+
+
+SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "argparse.Namespace", "_codecs.encode")
+
+
+def _code_globals(path: str) -> list[str]:
+    """The classes/functions a checkpoint's pickle would import, outside torch's tensors and
+    plain containers (read with pickletools: nothing is executed). Empty for unreadable
+    files."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # not a pickle (or a truncated one): nothing to report
+        return []
+    return sorted({g for g in found if not g.startswith(SAFE_GLOBALS)})
 
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -150,6 +181,41 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
             f"checkpoint does not match the model config ({len(problems)} problems; check the "
             "model size/preset):\n  " + "\n  ".join(problems[:40]))
     return params
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One official checkpoint layout, the single record every family's load and export use.
+
+    `module(cfg)` builds the arjax module (only abstractly); `name_of` maps its parameter paths
+    to official keys (+ transform); `buffers(cfg)` names the official buffers arjax recomputes
+    (ignored on load) -- as a dict of arrays they are also written on export, so the official
+    module loads the export strictly; `subkeys` are the wrappers a file may hold its weights
+    under; `prepare` edits a loaded state_dict first (drop training keys, pick EMA shadows)."""
+
+    module: Callable[[Any], Any]
+    name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]] = default_torch_name
+    buffers: Callable[[Any], Sequence[str] | Mapping[str, np.ndarray]] = lambda cfg: ()
+    subkeys: tuple[str, ...] = WRAPPERS
+    prepare: Callable[[dict], dict] = lambda state_dict: state_dict
+
+    def from_torch(self, state_dict: Mapping[str, np.ndarray], cfg) -> Any:
+        """Official state_dict -> arjax params for `cfg`, strictly (`convert`)."""
+        from flax import nnx
+
+        abstract = abstract_params(lambda: self.module(cfg, rngs=nnx.Rngs(0)))
+        return convert(self.prepare(dict(state_dict)), abstract, self.name_of,
+                       ignore=tuple(self.buffers(cfg)))
+
+    def load(self, path: str, cfg) -> Any:
+        """An official file -> arjax params for `cfg`."""
+        return self.from_torch(load_state_dict(path, self.subkeys), cfg)
+
+    def to_torch(self, params: Any, cfg=None) -> dict[str, np.ndarray]:
+        """arjax params -> the official numpy state_dict (with array buffers, given `cfg`)."""
+        buffers = self.buffers(cfg) if cfg is not None else {}
+        return {**export(params, self.name_of), **(buffers if isinstance(buffers, Mapping)
+                                                   else {})}
 
 
 def export(params: Any, name_of: Callable[[str, tuple[int, ...]], tuple[str, Transform]],

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 
-from flax import nnx
-
 from arjax.convert import torch_io
 from arjax.models.var import VAR, VARConfig
 from arjax.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
@@ -33,30 +31,30 @@ def var_buffers(cfg: VARConfig) -> tuple[str, ...]:
             *(f"blocks.{i}.attn.zero_k_bias" for i in range(cfg.depth)))
 
 
-VAE_BUFFERS = ("quantize.ema_vocab_hit_SV",)
+VAR_FORMAT = torch_io.Format(VAR, var_torch_name, buffers=var_buffers)
+VAE_FORMAT = torch_io.Format(MultiScaleVQVAE, vae_torch_name,
+                             buffers=lambda cfg: ("quantize.ema_vocab_hit_SV",))
 
 
 def var_params_from_torch(state_dict, cfg: VARConfig):
-    abstract = torch_io.abstract_params(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
-    return torch_io.convert(state_dict, abstract, var_torch_name, ignore=var_buffers(cfg))
+    return VAR_FORMAT.from_torch(state_dict, cfg)
 
 
 def vae_params_from_torch(state_dict, cfg: MSVQConfig):
-    abstract = torch_io.abstract_params(lambda: MultiScaleVQVAE(cfg, rngs=nnx.Rngs(0)))
-    return torch_io.convert(state_dict, abstract, vae_torch_name, ignore=VAE_BUFFERS)
+    return VAE_FORMAT.from_torch(state_dict, cfg)
 
 
 def load_var(path: str, cfg: VARConfig):
-    return var_params_from_torch(torch_io.load_state_dict(path), cfg)
+    return VAR_FORMAT.load(path, cfg)
 
 
 def load_vae(path: str, cfg: MSVQConfig):
-    return vae_params_from_torch(torch_io.load_state_dict(path), cfg)
+    return VAE_FORMAT.load(path, cfg)
 
 
 def var_to_torch(params) -> dict:
-    return torch_io.export(params, var_torch_name)
+    return VAR_FORMAT.to_torch(params)
 
 
 def vae_to_torch(params) -> dict:
-    return torch_io.export(params, vae_torch_name)
+    return VAE_FORMAT.to_torch(params)

@@ -216,7 +216,7 @@ def load(path: str | None = None):
 
     path = path or default_weights_path()
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise torch_io.CheckpointMismatch(
             f"FID Inception weights not found at {path!r}. arjax never downloads at run time: "
             f"fetch {WEIGHTS_URL} on a machine with internet access and copy it there (or pass "
             "--inception-weights / set ARJAX_CACHE).")

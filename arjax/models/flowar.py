@@ -35,6 +35,12 @@ from arjax.nn.attention import attend
 from arjax.nn.layers import RMSNorm, dropout
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
+from arjax.nn.scales import (
+    attend_scale,
+    block_causal_mask,
+    init_scale_cache,
+    scale_bounds,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +87,6 @@ def flowar_config(size: str, **overrides) -> FlowARConfig:
                        cross=True)}
     check(size in sizes, f"FlowAR size must be one of {sorted(sizes)}, got {size!r}")
     return FlowARConfig(**{**sizes[size], **overrides})
-
-
-def scale_bounds(scales) -> list[tuple[int, int]]:
-    ends = np.cumsum([n * n for n in scales])
-    return [(int(e - n * n), int(e)) for n, e in zip(scales, ends)]
 
 
 def rope_tables(scales, head_dim: int) -> list[np.ndarray]:
@@ -176,10 +177,7 @@ class SelfAttention(nnx.Module):
 
     def decode(self, x, rope, cache, begin: int, end: int):
         """One scale's tokens (positions begin..end-1, static) against the cache."""
-        q, k, v = self._qkv(x, rope)
-        cache = {"k": cache["k"].at[:, :, begin:end].set(k),
-                 "v": cache["v"].at[:, :, begin:end].set(v)}
-        out = attend(q, cache["k"][:, :, :end], cache["v"][:, :, :end], None)
+        out, cache = attend_scale(*self._qkv(x, rope), cache, begin, end)
         return self.proj(out.reshape(x.shape)), cache
 
 
@@ -374,8 +372,7 @@ class FlowAR(nnx.Module):
         cfg = self.cfg
         cond = self.class_emb(labels)
         x = jnp.concatenate([cond[:, None], self.z_proj(inputs)], axis=1)
-        levels = np.repeat(np.arange(len(cfg.scales)), [n * n for n in cfg.scales])
-        mask = jnp.asarray(levels[:, None] >= levels[None, :])
+        mask = jnp.asarray(block_causal_mask(cfg.scales))
         rope = jnp.asarray(np.concatenate(rope_tables(cfg.scales, cfg.width // cfg.heads)))
         keys = _keys(key, 2 * cfg.depth)
         return self._trunk(x, cond, 0, lambda i, blk, h: blk(h, cond, rope, mask, keys[i]))
@@ -399,8 +396,8 @@ class FlowAR(nnx.Module):
 
     def init_cache(self, batch: int):
         cfg = self.cfg
-        shape = (batch, cfg.heads, cfg.seq_len, cfg.width // cfg.heads)
-        return [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(2 * cfg.depth)]
+        return init_scale_cache(batch, cfg.heads, cfg.seq_len, cfg.width // cfg.heads,
+                                2 * cfg.depth)
 
     def embed(self, cond, inputs, scale: int):
         """Scale 0: the class embedding; later: z_proj(next input [B, n^2, C])."""

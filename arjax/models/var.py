@@ -22,6 +22,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import attend
+from arjax.nn.scales import attend_scale, block_causal_mask, init_scale_cache, scale_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +73,6 @@ def var_config(depth: int, **overrides) -> VARConfig:
     return VARConfig(**{**base, **overrides})
 
 
-def scale_bounds(patch_nums) -> list[tuple[int, int]]:
-    ends = np.cumsum([p * p for p in patch_nums])
-    return [(int(e - p * p), int(e)) for p, e in zip(patch_nums, ends)]
-
-
 def layer_norm(x, eps):
     """LayerNorm without affine parameters, in float32."""
     x = x.astype(jnp.float32)
@@ -121,10 +117,7 @@ class SelfAttention(nnx.Module):
 
     def decode(self, x, cache, begin: int, end: int):
         """One scale's tokens (positions begin..end-1, static) against the cache."""
-        q, k, v = self.qkv(x)
-        cache = {"k": cache["k"].at[:, :, begin:end].set(k),
-                 "v": cache["v"].at[:, :, begin:end].set(v)}
-        out = attend(q, cache["k"][:, :, :end], cache["v"][:, :, :end], None, self.scale())
+        out, cache = attend_scale(*self.qkv(x), cache, begin, end, self.scale())
         return self.proj(out.reshape(x.shape)), cache
 
 
@@ -213,8 +206,7 @@ class VAR(nnx.Module):
 
     @property
     def levels(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.cfg.patch_nums)),
-                         [p * p for p in self.cfg.patch_nums])
+        return scale_levels(self.cfg.patch_nums)
 
     def conditioning(self, labels):
         """(cond [B, C] for the head, what each block's AdaLN takes)."""
@@ -247,8 +239,7 @@ class VAR(nnx.Module):
             labels = jnp.where(drop, self.cfg.num_classes, labels)
         cond, block_cond = self.conditioning(labels)
         x = jnp.concatenate([self.embed(cond, None, 0), self.embed(cond, inputs, 1)], axis=1)
-        lv = self.levels
-        mask = jnp.asarray(lv[:, None] >= lv[None, :])  # block-causal over scales
+        mask = jnp.asarray(block_causal_mask(self.cfg.patch_nums))
         rates = np.linspace(0, self.cfg.drop_path, self.cfg.depth)
         for i, block in enumerate(self.blocks):
             drop = None if key is None else (jax.random.fold_in(key, i + 1), float(rates[i]))
@@ -257,8 +248,8 @@ class VAR(nnx.Module):
 
     def init_cache(self, batch: int):
         cfg = self.cfg
-        shape = (batch, cfg.num_heads, cfg.seq_len, cfg.dim // cfg.num_heads)
-        return [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(cfg.depth)]
+        return init_scale_cache(batch, cfg.num_heads, cfg.seq_len, cfg.dim // cfg.num_heads,
+                                cfg.depth)
 
     def decode_scale(self, x, cond, block_cond, cache, begin: int):
         """One scale's embedded tokens x [B, n, C] -> (logits [B, n, V], cache)."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from arjax.config import check
 from arjax.models import bind
-from arjax.models.var import scale_bounds
+from arjax.nn.scales import scale_bounds
 from arjax.sampling.common import cfg_combine, cfg_weight, check_guidance, filter_logits
 from arjax.sampling.generator import Samples
 

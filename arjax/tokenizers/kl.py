@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arjax.config import check
+from arjax.nn.conv import AttnBlock, conv2d
 from arjax.tokenizers.ldm import Decoder, Encoder
-from arjax.tokenizers.vq import AttnBlock, conv2d
 
 
 @dataclasses.dataclass(frozen=True)

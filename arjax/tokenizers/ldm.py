@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from arjax.tokenizers.vq import Downsample, Level, ResnetBlock, Upsample, conv2d, group_norm
+from arjax.nn.conv import Downsample, Level, ResnetBlock, Upsample, conv2d, group_norm
 
 
 def _mid(c, groups, attn_block, rngs):

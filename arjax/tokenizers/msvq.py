@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from arjax.config import check
+from arjax.nn.conv import conv2d, group_norm
 from arjax.nn.resize import resize
 from arjax.tokenizers.ldm import Decoder, Encoder
-from arjax.tokenizers.vq import conv2d, group_norm
 
 
 @dataclasses.dataclass(frozen=True)

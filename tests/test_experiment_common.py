@@ -1,0 +1,156 @@
+"""The shared experiment machinery: typed overrides, derived fields, the CLI's one-line
+errors, the work-dir lock, fingerprinted code caches and never-overwritten reports."""
+
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.config import ConfigError, override
+from arjax.data.sources import ArraySource
+from arjax.experiment import outputs
+from arjax.experiment.cli import workdir_lock
+from arjax.experiment.pipeline import StageConfig, extract_codes, fingerprint
+from experiments import flowar_imagenet, llamagen_imagenet, var_imagenet
+
+EXPERIMENTS = [llamagen_imagenet, var_imagenet, flowar_imagenet]
+
+
+@pytest.mark.parametrize("assignment,match", [
+    ("gpt_train.steps=abc", "gpt_train.steps='abc': expected int, got str"),
+    ("gpt_train.steps=2.5", "gpt_train.steps='2.5': expected int, got float"),
+    ("sample.top_p=high", "sample.top_p='high': expected float"),
+    ("sample_classes=3", "sample_classes='3': expected tuple"),
+    ("tokenizer_ckpt=[1]", None),  # a str field takes the text as it is
+    ("speculative.draft_len=True", "expected int, got bool"),
+])
+def test_overrides_are_type_checked_against_the_field(assignment, match):
+    if match is None:
+        assert override(llamagen_imagenet.DIGITS, [assignment]).tokenizer_ckpt == "[1]"
+        return
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace("[", r"\[")):
+        override(llamagen_imagenet.DIGITS, [assignment])
+
+
+def test_linked_fields_are_derived_once():
+    cfg = override(var_imagenet.DIGITS, ["tokenizer.codebook_size=32",
+                                         "tokenizer.patch_nums=[1,2,4,8]"])
+    assert cfg.model.vocab_size == 32 and cfg.model.patch_nums == (1, 2, 4, 8)
+    gpt = override(llamagen_imagenet.DIGITS, ["tokenizer.codebook_size=32", "model.grid=4"])
+    assert gpt.model.vocab_size == gpt.draft_model.vocab_size == 32
+    assert gpt.draft_model.grid == 4
+    assert flowar_imagenet.DIGITS.model.token_dim == flowar_imagenet.DIGITS.tokenizer.embed_dim
+    with pytest.raises(ConfigError, match="derived from tokenizer.codebook_size"):
+        override(var_imagenet.DIGITS, ["model.vocab_size=128"])
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS, ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("argv,match", [
+    (["--config", "nope"], "unknown --config 'nope'"),
+    (["--config", "digits", "--set", "seed=abc"], "seed='abc': expected int"),
+    (["--config", "digits", "--set", "tokenizer_train.log_every=0"], "log_every must be >= 1"),
+    (["--config", "digits", "--set", "tokenizer_train.ckpt_every=0"], "ckpt_every must be"),
+    (["--config", "digits", "--workdir", "{file}"], "is a file"),
+])
+def test_cli_prints_one_line_for_expected_errors(exp, argv, match, tmp_path, capsys,
+                                                  no_compilation):
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    if "--workdir" not in argv:
+        argv += ["--workdir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_:
+        exp.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and match in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(var_imagenet, "build", broken)
+    with pytest.raises(ZeroDivisionError):
+        var_imagenet.main(["--config", "digits", "--workdir", str(tmp_path)])
+
+
+def test_help_example_is_accepted():
+    from arjax import config as cfglib
+
+    cfg, _ = cfglib.from_argv(var_imagenet.PRESETS, ["--config", "digits", "--set", "seed=1"])
+    assert cfg.seed == 1
+
+
+def test_stage_config_bounds():
+    for bad, match in ((dict(log_every=0), "log_every"), (dict(ckpt_every=0), "ckpt_every"),
+                       (dict(batch_size=0), "batch_size"), (dict(steps=-1), "steps"),
+                       (dict(eval_every=-1), "eval_every")):
+        with pytest.raises(ConfigError, match=match):
+            StageConfig(**bad).validate("gpt_train")
+
+
+def test_second_run_on_a_work_dir_is_refused(tmp_path):
+    with workdir_lock(str(tmp_path)):
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+            with workdir_lock(str(tmp_path)):
+                pass
+    with workdir_lock(str(tmp_path)):  # released
+        pass
+
+
+def test_code_cache_is_rebuilt_when_its_producer_changes(tmp_path, capsys):
+    source = ArraySource(np.arange(10 * 4 * 4 * 3, dtype=np.uint8).reshape(10, 4, 4, 3),
+                         np.arange(10) % 3, 3)
+    calls = []
+
+    def encoder(offset):
+        def encode(images):
+            calls.append(len(images))
+            return jnp.asarray(images[:, 0, 0, 0]).astype(jnp.int32)[:, None] + offset
+        return encode
+
+    path = str(tmp_path / "codes_train.npz")
+    params = {"w": np.ones(3, np.float32)}
+    first = fingerprint(params, tokenizer={"steps": 40})
+    a = extract_codes(encoder(0), source, 4, path, first)
+    assert calls == [4, 4, 2] and not [f for f in os.listdir(tmp_path) if "partial" in f]
+    b = extract_codes(encoder(0), source, 4, path, first)  # same producer: the cache
+    assert len(calls) == 3 and np.array_equal(a.images, b.images)
+    trained_on = fingerprint({"w": np.ones(3, np.float32) * 1.01}, tokenizer={"steps": 40})
+    assert trained_on != first and fingerprint(params, tokenizer={"steps": 50}) != first
+    c = extract_codes(encoder(1), source, 4, path, trained_on)  # tokenizer trained on
+    assert len(calls) == 6 and np.array_equal(c.images, a.images + 1)
+    assert "another tokenizer" in capsys.readouterr().out
+    with open(path, "r+b") as f:  # a truncated cache (killed mid-write by older code)
+        f.truncate(50)
+    d = extract_codes(encoder(1), source, 4, path, trained_on)
+    assert np.array_equal(d.images, c.images) and "unreadable" in capsys.readouterr().out
+
+
+def test_reports_never_overwrite_each_other(tmp_path):
+    first = outputs.report_dir(str(tmp_path), "step3")
+    second = outputs.report_dir(str(tmp_path), "step3")
+    assert first.endswith("samples/step3") and second.endswith("samples/step3-2")
+
+
+def test_json_outputs_are_strict(tmp_path):
+    outputs.write_json(str(tmp_path / "s.json"), {"fid": float("nan"), "n": np.int64(3),
+                                                  "x": [float("inf"), 1.5]})
+    text = open(tmp_path / "s.json").read()
+    assert json.loads(text) == {"fid": None, "n": 3, "x": [None, 1.5]} and "NaN" not in text
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys, runpy; sys.argv = ['x', '--help']\n"
+            "try: runpy.run_module('experiments.var_imagenet', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules and 'tensorboardX' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--tag" in out.stdout
