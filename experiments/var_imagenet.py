@@ -36,8 +36,8 @@ from arjax.convert.var import load_vae, load_var
 from arjax.data import open_source
 from arjax.data.imagenet import steps_for_epochs
 from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
-from arjax.experiment.cli import cli, workdir_lock
-from arjax.experiment.outputs import digits_scorer, report, training_summary
+from arjax.experiment.cli import cli, run_experiment
+from arjax.experiment.outputs import digits_scorer, training_summary
 from arjax.experiment.pipeline import (
     StageConfig,
     check_sampling,
@@ -210,8 +210,7 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
 def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None
         ) -> dict:
     """The whole pipeline: `build`, then a report in `<workdir>/samples/<tag>/`."""
-    with workdir_lock(workdir):
-        return report(cfg=cfg, workdir=workdir, tag=tag, **build(cfg, workdir, progress))
+    return run_experiment(build, cfg, workdir, progress, tag)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -44,7 +44,7 @@ def test_other_gpt_sizes(size, ffn, params):
 
 def test_vq16_key_table_matches_official():
     shapes = abstract_torch_shapes(lambda: VQTokenizer(VQ_16, rngs=nnx.Rngs(0)))
-    assert len(shapes) + len(llamagen.VQ_BUFFERS) == 344
+    assert len(shapes) + len(llamagen.VQ.buffers(VQ_16)) == 344
     assert shapes["encoder.conv_in.weight"] == (128, 3, 3, 3)
     assert shapes["encoder.conv_out.weight"] == (256, 512, 3, 3)
     assert shapes["encoder.conv_blocks.4.attn.1.q.weight"] == (512, 512, 1, 1)

@@ -51,6 +51,7 @@ def test_flowar_l_key_table_matches_official():
     assert "flownet.res_blocks.0.attn.qkv.bias" not in table  # no qkv bias in the head
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: make test-all
 def test_flowar_s_and_h_keys():
     small = flowar_table(flowar_config("S"))
     assert small["flownet.res_blocks.1.ada_lin.weight"] == (6144, 1024)  # Block_v1: no Seq.

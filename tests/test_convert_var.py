@@ -44,7 +44,7 @@ def test_var_d36_shared_adaln_keys():
 def test_vae_key_table_matches_official():
     shapes = official_shapes(lambda: MultiScaleVQVAE(VAR_VAE, rngs=nnx.Rngs(0)),
                           var_convert.vae_torch_name)
-    assert len(shapes) + len(var_convert.VAE_BUFFERS) == 324
+    assert len(shapes) + len(var_convert.VAE_FORMAT.buffers(VAR_VAE)) == 324
     expected = {"encoder.conv_in.weight": (160, 3, 3, 3),
                 "encoder.down.0.block.1.conv2.weight": (160, 160, 3, 3),
                 "encoder.down.2.block.0.nin_shortcut.weight": (320, 160, 1, 1),

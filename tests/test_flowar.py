@@ -34,6 +34,7 @@ def tiny(cross=False, seed=0, noise=0.2, **overrides):
     return cfg, graphdef, jax.tree.unflatten(tree, leaves)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: make test-all
 def test_official_parameter_counts():
     count = lambda fn: param_count(abstract_params(fn))
     for size, total, head in (("S", 171.7, 42.0), ("L", 586.9, 281.5), ("H", 1913.3, 633.0)):

@@ -20,6 +20,7 @@ import numpy as np
 
 from arjax import config as cfglib
 from arjax.errors import UserError
+from arjax.experiment.outputs import report
 
 
 @contextlib.contextmanager
@@ -49,6 +50,14 @@ def workdir_lock(workdir: str | None):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_experiment(build, cfg, workdir: str | None, progress: bool = True,
+                   tag: str | None = None) -> dict:
+    """`build(cfg, workdir, progress)` (train, resume or load every stage) under the work-dir
+    lock, then `outputs.report` into a new `<workdir>/samples/<tag>/`."""
+    with workdir_lock(workdir):
+        return report(cfg=cfg, workdir=workdir, tag=tag, **build(cfg, workdir, progress))
 
 
 def exit_on_user_error(main: Callable[[], object]) -> object:

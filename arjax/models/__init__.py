@@ -1,4 +1,7 @@
-"""Model families. Each file holds one `XConfig` and one `X(nnx.Module)`.
+"""The generator networks: `raster_ar` (LlamaGen's GPT), `var` (next-scale VAR) and `flowar`
+(scale-wise trunk + flow-matching head). Each file holds the family's config dataclass, a size
+preset function and its top-level `nnx.Module` with the blocks it is built from; the
+tokenizers live in `arjax.tokenizers`, the shared layers in `arjax.nn`.
 
 At the jit boundary a model is the pair (graphdef, params): `params` is a plain nested dict of
 arrays (what optimizers, checkpoints and converters see), `bind` rebuilds the module inside jit.
