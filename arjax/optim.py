@@ -21,13 +21,17 @@ class OptimConfig:
     schedule: str = "constant"  # "constant" (LlamaGen) or "cosine"
     total_steps: int = 0  # cosine horizon
 
+    def validate(self, name: str = "optim") -> None:
+        check(self.lr > 0, f"{name}.lr must be > 0, got {self.lr}")
+        check(self.warmup_steps >= 0, f"{name}.warmup_steps must be >= 0")
+        check(self.schedule in ("constant", "cosine"),
+              f"{name}.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        check(self.schedule != "cosine" or self.total_steps > self.warmup_steps,
+              f"{name}.schedule='cosine' needs {name}.total_steps > {name}.warmup_steps")
+
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    check(cfg.lr > 0, f"optim.lr must be > 0, got {cfg.lr}")
-    check(cfg.schedule in ("constant", "cosine"),
-          f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
-    check(cfg.schedule != "cosine" or cfg.total_steps > cfg.warmup_steps,
-          "optim.schedule='cosine' needs optim.total_steps > optim.warmup_steps")
+    cfg.validate()
     if cfg.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
                                                 cfg.total_steps)

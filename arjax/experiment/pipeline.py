@@ -44,6 +44,7 @@ class StageConfig:
             cfglib.check(value >= 1, f"{name}.{field} must be >= 1, got {value}")
         cfglib.check(self.eval_every >= 0,
                      f"{name}.eval_every must be >= 0 (0 = at the end), got {self.eval_every}")
+        self.optim.validate(f"{name}.optim")
 
 
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
