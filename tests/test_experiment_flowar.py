@@ -25,7 +25,7 @@ SMOKE = override(exp.DIGITS, [
     (["sample.solver=rk4"], "solver"),
     (["sample.cfg=-0.5"], "cfg"),
     (["flowar_train.log_every=0"], "flowar_train.log_every must be >= 1"),
-    (["flowar_train.optim.total_steps=10"], "flowar_train.optim.total_steps > "),
+    (["flowar_train.optim.total_steps=1"], "flowar_train.optim.total_steps > "),
     (["sample.disa_min_steps=9"], "disa_min_steps"),
     (["flowar_train.batch_size=12"], "multiple of the 8"),
     (["model.token_dim=16"], "derived from tokenizer.embed_dim"),
