@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     settings = [("25 steps, every scale", [])]
     settings += [(f"DiSA 25 -> {n}", [f"sample.disa_min_steps={n}"]) for n in args.min_steps]
     settings += [("Heun, 13 steps", ["sample.solver=heun", "sample.num_steps=13"])]
-    workdir = tempfile.mkdtemp()  # a copy: sampling rewrites samples.png / summary.json
+    workdir = tempfile.mkdtemp()  # a copy: each setting adds a report under samples/
     shutil.copytree(args.workdir, workdir, dirs_exist_ok=True)
     for name, overrides in settings:
         cfg = override(exp.DIGITS, ["samples_per_class=40", "eval_samples_per_class=100",
