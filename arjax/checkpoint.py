@@ -48,7 +48,7 @@ class Checkpointer:
                 "corrupt or was written by a different model/config; use a fresh --workdir "
                 "or delete that step folder.") from None
 
-    def restore_newest_intact(self, abstract_state: Any) -> tuple[Any, int]:
+    def restore_newest_intact(self, abstract_state: Any) -> Any:
         """Restores the newest step that reads back (keep-N keeps earlier ones). Unreadable
         newer steps are said once and moved aside to `<step>.corrupt` (kept for inspection;
         the run will write those steps again); a CheckpointError when no step is readable."""
@@ -68,7 +68,7 @@ class Checkpointer:
                 print(f"{errors[0]}\n-> resuming from step {step}, the newest intact "
                       f"checkpoint (moved aside: {[f'{b}.corrupt' for b in bad]})",
                       file=sys.stderr)
-            return state, step
+            return state
         raise CheckpointError(errors[0] if len(errors) == 1 else
                               f"no checkpoint in {self.directory} can be restored; newest: "
                               f"{errors[0]}")

@@ -68,7 +68,7 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     if workdir is not None:
         ckpt = Checkpointer(f"{workdir}/{name}/ckpt", keep=keep)
         if ckpt.latest_step() is not None:
-            state, _ = ckpt.restore_newest_intact(abstract_like(state))
+            state = ckpt.restore_newest_intact(abstract_like(state))
         writer = MetricWriter(f"{workdir}/{name}/tb", resume_step=int(state.step))
         history = list(writer.history)  # an earlier run's rows: summaries survive a rerun
     start = int(state.step)

@@ -149,9 +149,8 @@ def estimate_scale(moments: np.ndarray) -> float:
 def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampleConfig,
                  latent_scale: float):
     """params -> Generated: trunk, flow ODEs and VAE decoder in one jit."""
-    generate = make_generator(lambda p, key, labels: flowar_sampling.sample(
-        graphdef, p[0], vae_graphdef, p[1], key, labels, sample_cfg, latent_scale), mesh)
-    return lambda params, labels, key: generate((params, vae_params), labels, key)
+    return make_generator(lambda p, vp, key, labels: flowar_sampling.sample(
+        graphdef, p, vae_graphdef, vp, key, labels, sample_cfg, latent_scale), mesh, vae_params)
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

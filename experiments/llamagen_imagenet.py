@@ -173,17 +173,14 @@ def make_sampler(graphdef, vq_graphdef, vq_params, mesh, cfg: Config, draft=None
                       if spec.accept == "relaxed" else None)  # once, not per call
         fixed["neighbours"] = neighbours
 
-        def fn(p, key, labels):
-            p, f = p
+        def fn(p, f, key, labels):
             d = (draft[0], f["draft"]) if draft else None
             return speculative.sample_images(graphdef, p, vq_graphdef, f["vq"], key, labels,
                                              scfg, spec, d, f["neighbours"])
     else:
-        def fn(p, key, labels):
-            p, f = p
+        def fn(p, f, key, labels):
             return raster.sample_images(graphdef, p, vq_graphdef, f["vq"], key, labels, scfg)
-    generate = make_generator(fn, mesh)
-    return lambda params, labels, key: generate((params, fixed), labels, key)
+    return make_generator(fn, mesh, fixed)
 
 
 def eval_loss(graphdef, params, source, batch: int) -> float:

@@ -156,9 +156,8 @@ def make_var_loss(quantizer):
 
 def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig):
     """params -> Generated: the whole sampler incl. the decoder in one jit."""
-    generate = make_generator(lambda p, key, labels: var_sampling.sample(
-        graphdef, p[0], vae_graphdef, p[1], key, labels, sample_cfg), mesh)
-    return lambda params, labels, key: generate((params, vae_params), labels, key)
+    return make_generator(lambda p, vp, key, labels: var_sampling.sample(
+        graphdef, p, vae_graphdef, vp, key, labels, sample_cfg), mesh, vae_params)
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

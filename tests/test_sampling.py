@@ -139,13 +139,15 @@ def test_generator_contract_on_8_devices(devices):
     from arjax import sharding
     from arjax.sampling.generator import Samples, make_generator
 
-    def sample_fn(params, key, labels):
-        images = jnp.broadcast_to((labels[:, None, None, None] / 8.0) * params["scale"],
+    def sample_fn(params, fixed, key, labels):
+        images = jnp.broadcast_to((labels[:, None, None, None] / 8.0) * params["scale"]
+                                  * fixed["one"],
                                   (labels.shape[0], 4, 4, 3))
         passes = jax.lax.fori_loop(0, 5, lambda i, n: n + 1, jnp.int32(0))
         return Samples(images, {"labels_seen": labels}, {"target_passes": passes})
 
-    generate = make_generator(sample_fn, sharding.make_mesh((("data", 8),), devices))
+    generate = make_generator(sample_fn, sharding.make_mesh((("data", 8),), devices),
+                              fixed={"one": jnp.float32(1.0)})
     labels = np.arange(8, dtype=np.int32)
     out = generate({"scale": jnp.float32(1.0)}, labels, jax.random.key(0))
     assert out.images.dtype == np.uint8 and out.images.shape == (8, 4, 4, 3)

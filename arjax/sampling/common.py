@@ -53,10 +53,10 @@ def check_guidance(cfg: float, schedule: str) -> None:
 
 def cfg_weight(cfg: float, schedule: str, step, num_steps: int):
     """Guidance weight at (0-based) step/scale `step` of `num_steps` (a Python number for a
-    static step, an array for a traced one)."""
+    static step, an array for a traced one; "constant" is the scalar `cfg` at every step)."""
     if schedule == "linear":
         return 1.0 + (cfg - 1.0) * step / max(num_steps - 1, 1)
-    return cfg + 0 * step
+    return cfg
 
 
 class SampleStats(NamedTuple):

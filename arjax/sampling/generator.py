@@ -35,18 +35,21 @@ class Generated(NamedTuple):
     stats: dict[str, float]
 
 
-def make_generator(sample_fn: Callable[[Any, jax.Array, jax.Array], Samples], mesh
-                   ) -> Callable[[Any, np.ndarray, jax.Array], Generated]:
-    """Jits `sample_fn(params, key, labels)` with images and aux sharded over the batch and
-    the stats replicated; returns `generate(params, labels, key) -> Generated`. The first call
-    for a batch size compiles (time it with a second call)."""
+def make_generator(sample_fn: Callable[[Any, Any, jax.Array, jax.Array], Samples], mesh,
+                   fixed: Any = None) -> Callable[[Any, np.ndarray, jax.Array], Generated]:
+    """Jits `sample_fn(params, fixed, key, labels)` with images and aux sharded over the batch
+    and the stats replicated; returns `generate(params, labels, key) -> Generated`. `fixed` are
+    the arrays every call shares (the tokenizer's parameters, a draft model's): passed as jit
+    arguments, never baked in as constants. The first call for a batch size compiles (time it
+    with a second call)."""
     batch = sharding.batch_sharding(mesh)
     shardings = Samples(images=batch, aux=batch, stats=sharding.replicated(mesh))
     sampler = jax.jit(sample_fn, out_shardings=shardings)
 
     def generate(params, labels: np.ndarray, key: jax.Array) -> Generated:
         t0 = time.perf_counter()
-        out = sampler(params, key, sharding.to_global(np.asarray(labels, np.int32), mesh))
+        out = sampler(params, fixed, key,
+                      sharding.to_global(np.asarray(labels, np.int32), mesh))
         jax.block_until_ready(out)
         seconds = time.perf_counter() - t0
         stats = {k: v.item() for k, v in jax.device_get(out.stats).items()}
