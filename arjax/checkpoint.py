@@ -9,7 +9,6 @@ import signal
 import sys
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from arjax.errors import UserError
@@ -97,13 +96,6 @@ class StopSignal:
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self._previous)
         return False
-
-
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) describing `state`, as a restore target."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state)
 
 
 @contextlib.contextmanager

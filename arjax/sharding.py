@@ -1,8 +1,9 @@
 """Device mesh, parameter sharding rules and global batches.
 
-One code path for 1 device, 8 simulated CPU devices and a multi-host pod: state is built abstractly
-(`jax.eval_shape`), shardings are derived from regex rules on parameter paths (first match wins),
-and the state is then materialised directly in its sharded layout by a jitted init.
+One code path for 1 device, 8 simulated CPU devices and a multi-host pod: shardings are derived
+from regex rules on parameter paths (first match wins) for abstract trees (`jax.eval_shape`),
+so states are created (`arjax.train.restore_or_init`) and loaded weights placed (`place`)
+directly in their sharded layout.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def fsdp(axis: str = "fsdp", min_size_mb: float = 4.0) -> SpecFn:
 
 DEFAULT_RULES: tuple[Rule, ...] = ((r".*", fsdp()),)
 
+# Named rule sets a config selects (`param_sharding`): every large tensor split over `fsdp`
+# (replicated on a mesh without that axis), or everything replicated.
+RULE_SETS: dict[str, tuple[Rule, ...]] = {
+    "fsdp": DEFAULT_RULES,
+    "replicated": ((r".*", P()),),
+}
+
+
+def rules_named(name: str) -> tuple[Rule, ...]:
+    check(name in RULE_SETS, f"param_sharding={name!r} is not a rule set; choose from "
+          f"{sorted(RULE_SETS)}")
+    return RULE_SETS[name]
+
 
 def path_str(path: tuple[Any, ...]) -> str:
     """'layers/0/attention/wqkv/kernel' for a jax key path."""
@@ -86,6 +100,13 @@ def param_shardings(abstract: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_R
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
+def place(tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
+    """Puts a host (numpy) or device tree on the mesh in the layout `rules` give (the same
+    layout `fit` trains in), once: jitted samplers then take device arrays and never
+    re-upload weights per call."""
+    return jax.device_put(tree, param_shardings(tree, mesh, rules))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -111,14 +132,3 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
     sharding = batch_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
-
-
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
-                 ) -> tuple[Any, Any]:
-    """Runs `init_fn` under jit so every leaf is created directly in its sharded layout.
-
-    Returns (state, shardings). Nothing is ever materialised whole on one device.
-    """
-    abstract = jax.eval_shape(init_fn)
-    shardings = param_shardings(abstract, mesh, rules)
-    return jax.jit(init_fn, out_shardings=shardings)(), shardings

@@ -1,10 +1,11 @@
 """The one training loop every experiment uses.
 
 An experiment supplies pure functions: `init() -> TrainState` and
-`train_step(state, batch) -> (state, metrics)`. `fit` owns the rest: sharded creation,
-jit with donation and explicit shardings, resume from the latest checkpoint (step, params,
-optimizer, RNG and data position), periodic checkpoints, SIGTERM save, TensorBoard scalars,
-a NaN guard and a progress bar.
+`train_step(state, batch) -> (state, metrics)`. `fit` owns the rest: the state built
+abstractly and then either restored from the latest checkpoint (step, params, EMA, optimizer,
+RNG and data position) or initialised, directly in its sharded layout (startup peak = one
+state); jit with donation and explicit shardings, periodic checkpoints, SIGTERM save,
+TensorBoard scalars, a NaN guard and a progress bar.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from arjax import sharding
-from arjax.checkpoint import Checkpointer, StopSignal, abstract_like
+from arjax.checkpoint import Checkpointer, StopSignal
 from arjax.writer import MetricWriter
 
 
@@ -29,6 +30,7 @@ class TrainState:
     params: Any
     opt_state: Any
     key: jax.Array  # raw uint32 key data; per-step keys are fold_in(key, step)
+    ema: Any = None  # float32 moving average of params (None: no EMA)
 
     def step_key(self) -> jax.Array:
         """The PRNG key of the current step: derived, never carried, so resume is exact."""
@@ -39,10 +41,19 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
-def create_state(init_fn: Callable[[], TrainState], mesh, rules: Sequence[sharding.Rule]
-                 ) -> tuple[TrainState, Any]:
-    """Materialises the state sharded; the step and key are replicated."""
-    return sharding.init_sharded(init_fn, mesh, rules)
+def restore_or_init(init_fn: Callable[[], TrainState], mesh, rules: Sequence[sharding.Rule],
+                    ckpt: Checkpointer | None) -> tuple[TrainState, Any]:
+    """The newest intact checkpoint of `ckpt`, else `init_fn()`, created straight into the
+    shardings the `rules` give (scalars replicated): the shapes come from `jax.eval_shape`,
+    so a resumed run never materialises (or compiles) a random init. Returns (state,
+    shardings)."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = sharding.param_shardings(abstract, mesh, rules)
+    if ckpt is not None and ckpt.latest_step() is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+        return ckpt.restore_newest_intact(target), shardings
+    return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 
 def fit(*, name: str, init_fn: Callable[[], TrainState],
@@ -62,13 +73,12 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     Returns:
       the final state and the logged metrics (one dict per log step, earlier runs' included).
     """
-    state, shardings = create_state(init_fn, mesh, rules)
     ckpt = writer = None
     history: list[dict] = []
     if workdir is not None:
         ckpt = Checkpointer(f"{workdir}/{name}/ckpt", keep=keep)
-        if ckpt.latest_step() is not None:
-            state = ckpt.restore_newest_intact(abstract_like(state))
+    state, shardings = restore_or_init(init_fn, mesh, rules, ckpt)
+    if workdir is not None:
         writer = MetricWriter(f"{workdir}/{name}/tb", resume_step=int(state.step))
         history = list(writer.history)  # an earlier run's rows: summaries survive a rerun
     start = int(state.step)
@@ -119,10 +129,25 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     return state, history
 
 
-def make_train_step(graphdef, loss_fn: Callable, tx) -> Callable:
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay used after optimizer step `step` (0-based): constant (FlowAR, MAR,
+    LlamaGen's optional EMA), or with `warmup` min(decay, (1 + t) / (10 + t)), so an early
+    average is not dominated by the random init."""
+    import jax.numpy as jnp
+
+    if not warmup:
+        return jnp.float32(decay)
+    t = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1 + t) / (10 + t))
+
+
+def make_train_step(graphdef, loss_fn: Callable, tx, ema_decay: float = 0.0,
+                    ema_warmup: bool = False) -> Callable:
     """Builds a pure `train_step(state, batch)` from `loss_fn(model, batch, key) -> (loss, aux)`.
 
     Reports the loss, the scalars in `aux`, and the l2 norms of grads, params and updates.
+    With an EMA in the state it is updated after every optimizer step,
+    ema <- d * ema + (1 - d) * params in float32 (`ema_decay_at`).
     """
     import optax
 
@@ -137,18 +162,25 @@ def make_train_step(graphdef, loss_fn: Callable, tx) -> Callable:
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            d = ema_decay_at(state.step, ema_decay, ema_warmup)
+            ema = jax.tree.map(lambda e, p: e + (1 - d) * (p.astype(e.dtype) - e), ema, params)
         metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
                    "train/l2_grads": optax.global_norm(grads),
                    "train/l2_params": optax.global_norm(params),
                    "train/l2_updates": optax.global_norm(updates)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             ema=ema), metrics
 
     return train_step
 
 
-def init_state(params, tx, seed: int) -> TrainState:
-    """Step 0 state (call inside `create_state`'s init function so it is built sharded)."""
+def init_state(params, tx, seed: int, ema: bool = False) -> TrainState:
+    """Step 0 state (call it inside `fit`'s `init_fn`, so it is built sharded). With `ema`
+    the average starts as a float32 copy of the weights (as FlowAR/MAR/LlamaGen do)."""
     import jax.numpy as jnp
 
+    average = jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      key=jax.random.key_data(jax.random.key(seed)))
+                      key=jax.random.key_data(jax.random.key(seed)), ema=average)

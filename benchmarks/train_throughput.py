@@ -22,7 +22,7 @@ from arjax.models import split
 from arjax.models.raster_ar import RasterAR
 from arjax.optim import make_optimizer
 from arjax.tokenizers.vq import VQTokenizer
-from arjax.train import init_state, make_train_step
+from arjax.train import init_state, make_train_step, restore_or_init
 from experiments import llamagen_imagenet as exp
 
 
@@ -30,8 +30,8 @@ def throughput(module_fn, loss_fn, stage, source, steps: int, mesh) -> float:
     """Steps per second of the jitted train step."""
     tx = make_optimizer(stage.optim)
     graphdef = split(nnx.eval_shape(module_fn))[0]
-    state, shardings = sharding.init_sharded(lambda: init_state(split(module_fn())[1], tx, 0),
-                                             mesh)
+    state, shardings = restore_or_init(lambda: init_state(split(module_fn())[1], tx, 0),
+                                       mesh, sharding.DEFAULT_RULES, None)
     step = jax.jit(make_train_step(graphdef, loss_fn, tx), donate_argnums=0,
                    out_shardings=(shardings, sharding.replicated(mesh)))
     batches = Batches(source, stage.batch_size, 0, mesh)

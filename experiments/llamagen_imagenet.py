@@ -37,18 +37,19 @@ from flax import nnx
 
 from arjax import config as cfglib
 from arjax import sharding
+from arjax.convert.llamagen import load_gpt, load_vq
 from arjax.data import open_source
 from arjax.data.imagenet import steps_for_epochs
 from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
 from arjax.experiment.cli import cli, run_experiment
-from arjax.experiment.outputs import digits_scorer, training_summary
+from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
     StageConfig,
     check_sampling,
     check_stages,
     extract_codes,
     fingerprint,
-    train_stage,
+    stage_weights,
 )
 from arjax.images import to_float
 from arjax.models import bind, param_count, split
@@ -200,17 +201,10 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     train_source = open_source(cfg.data, "train")
     summary: dict = {}
 
-    vq_fn = lambda: VQTokenizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
-    if cfg.tokenizer_ckpt:
-        from arjax.convert.llamagen import load_vq
-
-        vq_graphdef, vq_params = split(nnx.eval_shape(vq_fn))[0], load_vq(
-            cfg.tokenizer_ckpt, cfg.tokenizer)
-    else:
-        vq_graphdef, vq_params, hist = train_stage("tokenizer", vq_fn, tokenizer_loss,
-                                                   cfg.tokenizer_train, train_source, cfg.seed,
-                                                   mesh, workdir, progress)
-        summary.update(training_summary("tokenizer", hist))
+    vq_graphdef, vq_params = stage_weights(
+        cfg, "tokenizer", lambda: VQTokenizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed)),
+        tokenizer_loss, lambda: train_source, mesh, workdir, progress,
+        lambda path: load_vq(path, cfg.tokenizer), summary)
 
     encode_fn = jax.jit(lambda p, x: bind(vq_graphdef, p).encode(to_float(x)))
     encode = lambda images: encode_fn(vq_params, images)
@@ -225,18 +219,10 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     train_codes = codes("train") if needs_codes else None
     draft = None
     if uses_draft_model(cfg):
-        draft_fn = lambda: RasterAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2))
-        if cfg.draft_ckpt:
-            from arjax.convert.llamagen import load_gpt
-
-            draft = (split(nnx.eval_shape(draft_fn))[0],
-                     load_gpt(cfg.draft_ckpt, cfg.draft_model))
-        else:
-            draft_graphdef, draft_params, hist = train_stage(
-                "draft", draft_fn, gpt_loss, cfg.draft_train, train_codes, cfg.seed, mesh,
-                workdir, progress)
-            summary.update(training_summary("draft", hist))
-            draft = (draft_graphdef, draft_params)
+        draft = stage_weights(
+            cfg, "draft", lambda: RasterAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2)),
+            gpt_loss, lambda: train_codes, mesh, workdir, progress,
+            lambda path: load_gpt(path, cfg.draft_model), summary)
     gpt_fn = lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(gpt_fn))[0]
     generate = make_sampler(graphdef, vq_graphdef, vq_params, mesh, cfg, draft)
@@ -245,18 +231,12 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
                               cfg.seed, train_source.images)
 
-    if cfg.gpt_ckpt:
-        from arjax.convert.llamagen import load_gpt
-
-        params = load_gpt(cfg.gpt_ckpt, cfg.model)
-    else:
-        _, params, hist = train_stage(
-            "gpt", gpt_fn, gpt_loss, cfg.gpt_train, train_codes, cfg.seed, mesh, workdir,
-            progress, evaluate=(lambda state: score(state.params)) if score else None)
-        summary.update(training_summary("gpt", hist))
-        if "gpt/steps_per_s" in summary:
-            summary["gpt/train_tokens_per_s"] = (summary["gpt/steps_per_s"]
-                                                 * cfg.gpt_train.batch_size * cfg.model.seq_len)
+    _, params = stage_weights(cfg, "gpt", gpt_fn, gpt_loss, lambda: train_codes, mesh,
+                              workdir, progress, lambda path: load_gpt(path, cfg.model),
+                              summary, score)
+    if "gpt/steps_per_s" in summary:
+        summary["gpt/train_tokens_per_s"] = (summary["gpt/steps_per_s"]
+                                             * cfg.gpt_train.batch_size * cfg.model.seq_len)
     summary["gpt/params"] = param_count(params)
     if cfg.data.name == "digits":
         summary["gpt/test_loss"] = eval_loss(graphdef, params, codes("test"), 256)

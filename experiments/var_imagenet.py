@@ -37,14 +37,14 @@ from arjax.data import open_source
 from arjax.data.imagenet import steps_for_epochs
 from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
 from arjax.experiment.cli import cli, run_experiment
-from arjax.experiment.outputs import digits_scorer, training_summary
+from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
     StageConfig,
     check_sampling,
     check_stages,
     extract_codes,
     fingerprint,
-    train_stage,
+    stage_weights,
 )
 from arjax.images import to_float
 from arjax.models import bind, param_count, split
@@ -167,15 +167,10 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     train_source = open_source(cfg.data, "train")
     summary: dict = {}
 
-    vae_fn = lambda: MultiScaleVQVAE(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
-    if cfg.tokenizer_ckpt:
-        vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
-        vae_params = load_vae(cfg.tokenizer_ckpt, cfg.tokenizer)
-    else:
-        vae_graphdef, vae_params, hist = train_stage("tokenizer", vae_fn, tokenizer_loss,
-                                                     cfg.tokenizer_train, train_source,
-                                                     cfg.seed, mesh, workdir, progress)
-        summary.update(training_summary("tokenizer", hist))
+    vae_graphdef, vae_params = stage_weights(
+        cfg, "tokenizer", lambda: MultiScaleVQVAE(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed)),
+        tokenizer_loss, lambda: train_source, mesh, workdir, progress,
+        lambda path: load_vae(path, cfg.tokenizer), summary)
 
     model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(model_fn))[0]
@@ -185,22 +180,20 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
                               cfg.seed, train_source.images)
 
-    if cfg.var_ckpt:
-        params = load_var(cfg.var_ckpt, cfg.model)
-    else:
+    def codes():
         encode = jax.jit(lambda p, x: jnp.concatenate(
             bind(vae_graphdef, p).encode(to_float(x)), axis=1))
         producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data,
                                split="train")
-        codes = extract_codes(lambda images: encode(vae_params, images), train_source,
-                              cfg.encode_batch,
-                              os.path.join(workdir, "codes_train.npz") if workdir else None,
-                              producer)
-        quantizer = split(bind(vae_graphdef, vae_params).quantize)
-        _, params, hist = train_stage(
-            "var", model_fn, make_var_loss(quantizer), cfg.var_train, codes, cfg.seed, mesh,
-            workdir, progress, evaluate=(lambda state: score(state.params)) if score else None)
-        summary.update(training_summary("var", hist))
+        return extract_codes(lambda images: encode(vae_params, images), train_source,
+                             cfg.encode_batch,
+                             os.path.join(workdir, "codes_train.npz") if workdir else None,
+                             producer)
+
+    quantizer = split(bind(vae_graphdef, vae_params).quantize)
+    _, params = stage_weights(cfg, "var", model_fn, make_var_loss(quantizer), codes, mesh,
+                              workdir, progress, lambda path: load_var(path, cfg.model),
+                              summary, score)
     summary["var/params"] = param_count(params)
     return dict(generate=generate, params=params, summary=summary, score=score,
                 step=cfg.var_train.steps)

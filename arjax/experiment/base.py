@@ -26,6 +26,7 @@ class ExperimentConfig:
     sample_classes: tuple[int, ...] = tuple(range(10))
     encode_batch: int = 256  # images per call when a split is tokenized once
     mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
+    param_sharding: str = "fsdp"  # weight layout on the mesh (arjax.sharding.RULE_SETS)
     seed: int = 0
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from arjax import config as cfglib
 from arjax import sharding
 from arjax.data import Batches
 from arjax.data.sources import ArraySource
+from arjax.experiment.outputs import training_summary
 from arjax.models import split
 from arjax.optim import OptimConfig, make_optimizer
 from arjax.train import fit, init_state, make_train_step
@@ -36,6 +37,9 @@ class StageConfig:
     log_every: int = 50
     ckpt_every: int = 500
     eval_every: int = 0  # 0 = evaluate only at the end (digits: FID-digits etc. of samples)
+    ema_decay: float = 0.0  # EMA of the weights (FlowAR/MAR: 0.9999); 0 = none
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) (not official)
+    use_ema: bool = True  # sample and evaluate with the EMA weights when there is an EMA
 
     def validate(self, name: str) -> None:
         cfglib.check(self.steps >= 0, f"{name}.steps must be >= 0, got {self.steps}")
@@ -44,28 +48,62 @@ class StageConfig:
             cfglib.check(value >= 1, f"{name}.{field} must be >= 1, got {value}")
         cfglib.check(self.eval_every >= 0,
                      f"{name}.eval_every must be >= 0 (0 = at the end), got {self.eval_every}")
+        cfglib.check(0 <= self.ema_decay < 1,
+                     f"{name}.ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         self.optim.validate(f"{name}.optim")
+
+    @property
+    def samples_from_ema(self) -> bool:
+        return self.ema_decay > 0 and self.use_ema
+
+
+def sampling_weights(state, stage: StageConfig):
+    """The weights a stage samples and evaluates with: the EMA unless `use_ema` is off."""
+    return state.ema if stage.samples_from_ema else state.params
 
 
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
-                workdir, progress=True, evaluate=None):
-    """Trains one stage (or resumes / loads it when complete); returns (graphdef, params,
-    logged history, earlier runs' rows included)."""
+                workdir, progress=True, evaluate=None,
+                rules: tuple[sharding.Rule, ...] = sharding.DEFAULT_RULES):
+    """Trains one stage (or resumes / loads it when complete); returns (graphdef, weights,
+    logged history, earlier runs' rows included). `evaluate(weights) -> {name: value}` and the
+    returned weights are the EMA's when the stage keeps one (`sampling_weights`)."""
     graphdef, _ = split(nnx.eval_shape(module_fn))
     tx = make_optimizer(stage.optim)
     state, history = fit(
-        name=name, init_fn=lambda: init_state(split(module_fn())[1], tx, seed),
-        train_step=make_train_step(graphdef, loss_fn, tx),
+        name=name,
+        init_fn=lambda: init_state(split(module_fn())[1], tx, seed, ema=stage.ema_decay > 0),
+        train_step=make_train_step(graphdef, loss_fn, tx, stage.ema_decay, stage.ema_warmup),
         make_batches=lambda start: Batches(source, stage.batch_size, seed, mesh, start),
-        steps=stage.steps, mesh=mesh, workdir=workdir, log_every=stage.log_every,
-        ckpt_every=stage.ckpt_every, evaluate=evaluate, eval_every=stage.eval_every,
-        progress=progress)
-    return graphdef, state.params, history
+        steps=stage.steps, mesh=mesh, workdir=workdir, rules=rules,
+        log_every=stage.log_every, ckpt_every=stage.ckpt_every,
+        evaluate=(lambda st: evaluate(sampling_weights(st, stage))) if evaluate else None,
+        eval_every=stage.eval_every, progress=progress)
+    return graphdef, sampling_weights(state, stage), history
+
+
+def stage_weights(cfg, name: str, module_fn, loss_fn, data, mesh, workdir, progress: bool,
+                  load, summary: dict, evaluate=None):
+    """One stage's (graphdef, weights): `cfg.<name>_ckpt` converted by `load(path)` and placed
+    once on the mesh, or the stage trained (resumed) per `cfg.<name>_train` on `data()` (only
+    called when training), its summary added to `summary`. Weights land in the layout of
+    `cfg.param_sharding` either way."""
+    rules = sharding.rules_named(cfg.param_sharding)
+    path = getattr(cfg, f"{name}_ckpt")
+    if path:
+        return split(nnx.eval_shape(module_fn))[0], sharding.place(load(path), mesh, rules)
+    graphdef, weights, history = train_stage(
+        name, module_fn, loss_fn, getattr(cfg, f"{name}_train"), data(), cfg.seed, mesh,
+        workdir, progress, evaluate, rules)
+    summary.update(training_summary(name, history))
+    return graphdef, weights
 
 
 def check_stages(cfg, mesh, *names: str) -> None:
-    """For each stage `name`: `cfg.<name>_ckpt` exists if set, otherwise `cfg.<name>_train`
-    is valid, has steps and a batch that fills the mesh."""
+    """`cfg.param_sharding` names a rule set, and for each stage `name`: `cfg.<name>_ckpt`
+    exists if set, otherwise `cfg.<name>_train` is valid, has steps and a batch that fills the
+    mesh."""
+    sharding.rules_named(cfg.param_sharding)
     for name in names:
         ckpt, stage = getattr(cfg, f"{name}_ckpt"), getattr(cfg, f"{name}_train")
         stage.validate(f"{name}_train")
