@@ -12,11 +12,17 @@ from arjax import sharding
 from arjax.convert import llamagen
 from arjax.data import Batches
 from arjax.data.sources import ArraySource
-from arjax.models import split
+from arjax.models import bind, split
+from arjax.models.flowar import FlowAR, FlowARConfig
+from arjax.models.flowar import teacher_inputs as flowar_teacher_inputs
 from arjax.models.raster_ar import RasterAR
+from arjax.models.var import VAR, VARConfig
 from arjax.optim import OptimConfig, make_optimizer
 from arjax.sampling import raster
 from arjax.sampling.common import SampleConfig
+from arjax.tokenizers.kl import KLVAE, KLConfig
+from arjax.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
+from arjax.tokenizers.vq import VQConfig, VQTokenizer
 from arjax.train import ema_decay_at, fit, init_state, make_train_step
 
 
@@ -45,7 +51,7 @@ def test_ema_equals_the_closed_form(warmup):
     expected = jax.tree.map(lambda p: np.prod(ds) * np.asarray(p, np.float64), history[0])
     for k in range(1, 7):
         weight = (1 - ds[k - 1]) * np.prod(ds[k:])
-        expected = jax.tree.map(lambda e, p: e + weight * np.asarray(p, np.float64),
+        expected = jax.tree.map(lambda e, p, w=weight: e + w * np.asarray(p, np.float64),
                                 expected, history[k])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  state.ema, expected)
@@ -84,6 +90,7 @@ def fit_gpt(mesh, steps, workdir=None, init_calls=None):
                workdir=workdir, log_every=1, ckpt_every=2, progress=False)[0]
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: make test-all
 def test_resume_restores_ema_exactly_without_a_random_init(tmp_path, devices):
     mesh = sharding.make_mesh((("data", 2),), devices[:2])
     straight = fit_gpt(mesh, 4)
@@ -128,3 +135,172 @@ def test_converted_weights_are_sharded_once_and_sample_the_same_tokens(devices):
 def test_unknown_rule_set_is_a_config_error():
     with pytest.raises(ValueError, match="param_sharding='tp' is not a rule set"):
         sharding.rules_named("tp")
+
+
+# --- mixed precision and rematerialisation, for every family ------------------------------
+
+def gpt_family(**policy):
+    cfg = tiny_gpt_config(dim=64, heads=4, **policy)
+    model = RasterAR(cfg, rngs=nnx.Rngs(0))
+    model.output.kernel[...] = 0.02 * jax.random.normal(jax.random.key(0),
+                                                        model.output.kernel.shape)
+    rng = np.random.default_rng(0)
+    batch = {"codes": jnp.asarray(rng.integers(0, 16, (8, 9))),
+             "label": jnp.asarray(rng.integers(0, 4, 8))}
+    return model, batch, gpt_loss
+
+
+def var_family(**policy):
+    cfg = VARConfig(depth=2, width=64, heads=4, vocab_size=16, codebook_dim=4,
+                    patch_nums=(1, 2, 3), num_classes=4, drop_path=0.0, **policy)
+    model = VAR(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.normal(size=(8, 13, 4)), jnp.float32),
+             "codes": jnp.asarray(rng.integers(0, 16, (8, 14))),
+             "label": jnp.asarray(rng.integers(0, 4, 8))}
+
+    def loss(model, batch, key):
+        logits = model(batch["label"], batch["inputs"], key=key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["codes"]).mean(), {}
+    return model, batch, loss
+
+
+def flowar_family(**policy):
+    cfg = FlowARConfig(width=64, depth=2, heads=2, head_width=64, head_depth=2, cross=True,
+                       scales=(1, 2, 4), token_dim=4, num_classes=4, dropout=0.0,
+                       label_drop=0.0, **policy)
+    model = FlowAR(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {"latents": jnp.asarray(rng.normal(size=(8, 4, 4, 4)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 4, 8))}
+
+    def loss(model, batch, key):
+        return model.loss(batch["label"], batch["latents"], jax.random.key(0))[0], {}
+    return model, batch, loss
+
+
+def tokenizer_family(make):
+    def family(dtype="float32", param_dtype="float32"):
+        model = make(dtype, param_dtype)
+        images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)),
+                             jnp.float32)
+        return model, {"image": images}, None
+    return family
+
+
+def tok_out(model, batch):
+    """The continuous paths: encoder features and decoder images (a quantiser's code choice
+    is discontinuous, so codes are fixed random ones)."""
+    images = batch["image"]
+    if isinstance(model, KLVAE):
+        moments = model.moments(images)
+        return jnp.concatenate([moments.reshape(-1),
+                                model.decode_raw(moments[..., :4]).reshape(-1)])
+    codes = jax.random.randint(jax.random.key(0), (2, 64), 0, 16)
+    if isinstance(model, VQTokenizer):
+        features, decoded = model.quant_conv(model.encoder(images)), model.decode(codes)
+    else:
+        features = model.features(images)
+        decoded = model.decode([codes[:, :n * n] for n in model.cfg.patch_nums])
+    return jnp.concatenate([features.astype(jnp.float32).reshape(-1), decoded.reshape(-1)])
+
+
+TOKENIZERS = {
+    "vq": tokenizer_family(lambda d, p: VQTokenizer(VQConfig(
+        codebook_size=16, codebook_dim=4, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+        z_channels=16, norm_groups=8, dtype=d, param_dtype=p), rngs=nnx.Rngs(0))),
+    "msvq": tokenizer_family(lambda d, p: MultiScaleVQVAE(MSVQConfig(
+        codebook_size=16, codebook_dim=4, patch_nums=(1, 2, 4, 8), ch=16, ch_mult=(1, 2),
+        num_res_blocks=1, norm_groups=8, dtype=d, param_dtype=p), rngs=nnx.Rngs(0))),
+    "kl": tokenizer_family(lambda d, p: KLVAE(KLConfig(
+        embed_dim=4, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, dtype=d,
+        param_dtype=p), rngs=nnx.Rngs(0))),
+}
+GENERATORS = {"gpt": gpt_family, "var": var_family, "flowar": flowar_family}
+FAMILIES = {**GENERATORS, **TOKENIZERS}
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def outputs(name, model, batch):
+    if name == "gpt":
+        return model(batch["codes"], batch["label"])
+    if name == "var":
+        return model(batch["label"], batch["inputs"])
+    if name == "flowar":
+        _, inputs = flowar_teacher_inputs(batch["latents"], model.cfg.scales)
+        z = model(batch["label"], inputs)
+        t = jnp.full((8,), 0.3)
+        velocity = model.flownet(batch["latents"].reshape(8, 16, 4), t, z[:, 5:],
+                                 jnp.asarray(model.head_ropes[-1]))
+        return jnp.concatenate([z.reshape(-1), velocity.reshape(-1)])
+    return tok_out(model, batch)
+
+
+SLOW = pytest.mark.slow  # > 25 s on 2 cores (compilation): make test-all
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n in ("kl", "flowar") else n
+                                  for n in sorted(FAMILIES)])
+def test_bfloat16_forward_is_close_to_float32(name):
+    """Same float32 weights, compute in bfloat16: outputs within 2 % (relative l2) of the
+    float32 forward, and float32 where the numerics need it (logits, velocities, images)."""
+    model32, batch, _ = FAMILIES[name]()
+    model16 = FAMILIES[name](dtype="bfloat16")[0]
+    graphdef16, _ = split(model16)
+    _, params = split(model32)
+    out32 = outputs(name, model32, batch)
+    out16 = outputs(name, bind(graphdef16, params), batch)
+    assert out16.dtype == jnp.float32
+    assert relative_error(out16, out32) < 2e-2, relative_error(out16, out32)
+    assert relative_error(out16, out32) > 0  # bfloat16 was really used
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_param_dtype_sets_storage(name):
+    abstract = nnx.eval_shape(lambda: FAMILIES[name](dtype="bfloat16",
+                                                     param_dtype="bfloat16")[0])
+    dtypes = {x.dtype for x in jax.tree.leaves(split(abstract)[1])}
+    assert jnp.dtype("bfloat16") in dtypes
+
+
+@pytest.mark.parametrize("name,policy", [
+    ("gpt", "full"), ("var", "full"), pytest.param("flowar", "full", marks=SLOW),
+    *[pytest.param(n, "dots", marks=SLOW) for n in sorted(GENERATORS)]])
+def test_remat_leaves_gradients_unchanged(name, policy):
+    """Equal up to float32 rounding (the recomputed forward may fuse differently)."""
+    grads = []
+    for remat in ("none", policy):
+        model, batch, loss = GENERATORS[name](remat=remat)
+        graphdef, params = split(model)
+        objective = lambda p, g=graphdef, f=loss, b=batch: f(bind(g, p), b,
+                                                             jax.random.key(1))[0]
+        grads.append(jax.jit(jax.grad(objective))(params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
+@pytest.mark.parametrize("name", ["gpt", pytest.param("var", marks=SLOW),
+                                  pytest.param("flowar", marks=SLOW)])
+def test_bfloat16_training_lowers_the_loss(name):
+    """AdamW in float32 on bfloat16 compute, with full remat: 30 steps on one batch."""
+    model, batch, loss = GENERATORS[name](dtype="bfloat16", remat="full")
+    graphdef, params = split(model)
+    tx = make_optimizer(OptimConfig(lr=3e-3, weight_decay=0.0))
+    step = jax.jit(make_train_step(graphdef, loss, tx, 0.9))
+    state = init_state(params, tx, 0, ema=True)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((state.params, state.ema)))
+
+
+@pytest.mark.parametrize("bad,match", [({"dtype": "fp8"}, "model.dtype='fp8'"),
+                                       ({"remat": "some"}, "model.remat='some'")])
+def test_bad_policy_is_a_config_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_gpt_config(**bad).validate()

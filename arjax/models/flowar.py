@@ -33,6 +33,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.layers import RMSNorm, dropout
+from arjax.nn.policy import check_policy, dtypes, float32, remat
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
 from arjax.nn.scales import (
@@ -57,6 +58,9 @@ class FlowARConfig:
     num_classes: int = 1000
     label_drop: float = 0.1
     dropout: float = 0.1  # trunk attention and projection dropout (training)
+    dtype: str = "float32"  # matmul/attention compute and KV caches; see arjax.nn.policy
+    param_dtype: str = "float32"
+    remat: str = "none"  # per-block rematerialisation (trunk and flow head): none|full|dots
 
     @property
     def seq_len(self) -> int:
@@ -76,6 +80,7 @@ class FlowARConfig:
               f"scales must start at 1 and increase, got {self.scales}")
         check(0 <= self.label_drop < 1 and 0 <= self.dropout < 1,
               "label_drop and dropout must be in [0, 1)")
+        check_policy(self)
 
 
 def flowar_config(size: str, **overrides) -> FlowARConfig:
@@ -131,10 +136,11 @@ def rms(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def _linear(cin, cout, rngs, bias=True):
+def _linear(cin, cout, kw, rngs, bias=True):
     """Official init: every Linear xavier-uniform with zero bias (FlowAR's final `apply` also
-    re-initialises the flow head's, so its output layer is not zero at init)."""
-    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs,
+    re-initialises the flow head's, so its output layer is not zero at init). `kw`: dtypes
+    (`arjax.nn.policy.dtypes` for matmuls in the compute dtype, `float32` for AdaLN/heads)."""
+    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs, **kw,
                       kernel_init=nnx.initializers.xavier_uniform())
 
 
@@ -145,11 +151,11 @@ def _keys(key, n):
 class Mlp(nnx.Module):
     """timm SwiGLU with exact GELU: fc2(gelu(fc1_g x) * fc1_x x), all with biases."""
 
-    def __init__(self, dim: int, ratio: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, ratio: float, kw: dict, *, rngs: nnx.Rngs):
         hidden = int(dim * ratio * 2 / 3)
-        self.fc1_g = _linear(dim, hidden, rngs)
-        self.fc1_x = _linear(dim, hidden, rngs)
-        self.fc2 = _linear(hidden, dim, rngs)
+        self.fc1_g = _linear(dim, hidden, kw, rngs)
+        self.fc1_x = _linear(dim, hidden, kw, rngs)
+        self.fc2 = _linear(hidden, dim, kw, rngs)
 
     def __call__(self, x, rate=0.0, key=None):
         k1, k2 = _keys(key, 2)
@@ -158,14 +164,15 @@ class Mlp(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, kw: dict, *, rngs: nnx.Rngs):
         self.heads = heads
-        self.qkv = _linear(dim, 3 * dim, rngs, bias=qkv_bias)
-        self.proj = _linear(dim, dim, rngs)
+        self.qkv = _linear(dim, 3 * dim, kw, rngs, bias=qkv_bias)
+        self.proj = _linear(dim, dim, kw, rngs)
 
     def _qkv(self, x, rope):
         b, t, c = x.shape
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads), 2, 0)
+        qkv = self.qkv(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.heads, c // self.heads), 2, 0)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
@@ -187,15 +194,15 @@ class Block(nnx.Module):
     def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
         d = cfg.width
         self.rate = cfg.dropout
-        self.attn = SelfAttention(d, cfg.heads, qkv_bias=True, rngs=rngs)
-        self.mlp = Mlp(d, cfg.mlp_ratio, rngs=rngs)
-        self.ada_lin = _linear(d, 6 * d, rngs)
+        self.attn = SelfAttention(d, cfg.heads, True, dtypes(cfg), rngs=rngs)
+        self.mlp = Mlp(d, cfg.mlp_ratio, dtypes(cfg), rngs=rngs)
+        self.ada_lin = _linear(d, 6 * d, float32(cfg), rngs)
 
     def _residual(self, x, cond, attn, key=None):
         g1, g2, s1, s2, b1, b2 = jnp.moveaxis(
             self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1), 2, 0)
         out, aux = attn(rms(x) * (1 + s1) + b1)
-        x = x + g1 * out
+        x = x + g1 * out  # the residual stream stays float32 (gates are)
         return x + g2 * self.mlp(rms(x) * (1 + s2) + b2, self.rate, key), aux
 
     def __call__(self, x, cond, rope, mask, key=None):
@@ -210,10 +217,9 @@ class Block(nnx.Module):
 class TimestepEmbedder(nnx.Module):
     """Sinusoidal [cos, sin] embedding of dim 256 -> Linear -> SiLU -> Linear."""
 
-    def __init__(self, width: int, *, rngs: nnx.Rngs):
-        init = nnx.initializers.xavier_uniform()
-        self.mlp_0 = nnx.Linear(256, width, rngs=rngs, kernel_init=init)
-        self.mlp_2 = nnx.Linear(width, width, rngs=rngs, kernel_init=init)
+    def __init__(self, width: int, kw: dict, *, rngs: nnx.Rngs):
+        self.mlp_0 = _linear(256, width, kw, rngs)
+        self.mlp_2 = _linear(width, width, kw, rngs)
 
     def __call__(self, t):
         half = 128
@@ -226,11 +232,11 @@ class TimestepEmbedder(nnx.Module):
 class CrossAttention(nnx.Module):
     """Head tokens attend to the trunk vectors of the same scale (same grid, RoPE on both)."""
 
-    def __init__(self, dim: int, z_dim: int, heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, z_dim: int, heads: int, kw: dict, *, rngs: nnx.Rngs):
         self.heads = heads
-        self.q = _linear(dim, dim, rngs, bias=False)
-        self.kv = _linear(z_dim, 2 * dim, rngs, bias=False)
-        self.proj = _linear(dim, dim, rngs)
+        self.q = _linear(dim, dim, kw, rngs, bias=False)
+        self.kv = _linear(z_dim, 2 * dim, kw, rngs, bias=False)
+        self.proj = _linear(dim, dim, kw, rngs)
 
     def context(self, z, rope):
         """k, v from the trunk vectors: fixed over the ODE steps, so computed once a scale."""
@@ -247,10 +253,10 @@ class CrossAttention(nnx.Module):
 class HeadBlock(nnx.Module):
     """Block_v1 (no cross-attention): all six modulations per token from SiLU(t_emb + c)."""
 
-    def __init__(self, width: int, z_dim: int, *, rngs: nnx.Rngs):
-        self.attn = SelfAttention(width, width // 64, qkv_bias=False, rngs=rngs)
-        self.mlp = Mlp(width, 4.0, rngs=rngs)
-        self.ada_lin = _linear(width, 6 * width, rngs)
+    def __init__(self, width: int, z_dim: int, cfg: FlowARConfig, *, rngs: nnx.Rngs):
+        self.attn = SelfAttention(width, width // 64, False, dtypes(cfg), rngs=rngs)
+        self.mlp = Mlp(width, 4.0, dtypes(cfg), rngs=rngs)
+        self.ada_lin = _linear(width, 6 * width, float32(cfg), rngs)
 
     def context(self, z, rope):
         return None
@@ -266,14 +272,15 @@ class CrossHeadBlock(nnx.Module):
     """Block_v2: attention modulated per sample by SiLU(t_emb), cross-attention to the trunk
     vectors (weighted RMSNorms on both sides), MLP modulated per token by SiLU(c + t_emb)."""
 
-    def __init__(self, width: int, z_dim: int, *, rngs: nnx.Rngs):
-        self.attn = SelfAttention(width, width // 64, qkv_bias=False, rngs=rngs)
-        self.crossattn = CrossAttention(width, z_dim, width // 64, rngs=rngs)
-        self.norm2_1 = RMSNorm(width, eps=1e-6)
-        self.norm2_2 = RMSNorm(z_dim, eps=1e-6)
-        self.mlp = Mlp(width, 4.0, rngs=rngs)
-        self.ada_lin_attn = _linear(width, 3 * width, rngs)
-        self.ada_lin_mlp = _linear(width, 3 * width, rngs)
+    def __init__(self, width: int, z_dim: int, cfg: FlowARConfig, *, rngs: nnx.Rngs):
+        kw, pdt = dtypes(cfg), jnp.dtype(cfg.param_dtype)
+        self.attn = SelfAttention(width, width // 64, False, kw, rngs=rngs)
+        self.crossattn = CrossAttention(width, z_dim, width // 64, kw, rngs=rngs)
+        self.norm2_1 = RMSNorm(width, 1e-6, pdt)
+        self.norm2_2 = RMSNorm(z_dim, 1e-6, pdt)
+        self.mlp = Mlp(width, 4.0, kw, rngs=rngs)
+        self.ada_lin_attn = _linear(width, 3 * width, float32(cfg), rngs)
+        self.ada_lin_mlp = _linear(width, 3 * width, float32(cfg), rngs)
 
     def context(self, z, rope):
         return self.crossattn.context(self.norm2_2(z), rope)
@@ -288,9 +295,9 @@ class CrossHeadBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    def __init__(self, width: int, out: int, *, rngs: nnx.Rngs):
-        self.linear = _linear(width, out, rngs)
-        self.adaLN_modulation = _linear(width, 2 * width, rngs)
+    def __init__(self, width: int, out: int, kw: dict, *, rngs: nnx.Rngs):
+        self.linear = _linear(width, out, kw, rngs)
+        self.adaLN_modulation = _linear(width, 2 * width, kw, rngs)
 
     def __call__(self, x, c):
         shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)), 2, axis=-1)
@@ -301,24 +308,28 @@ class FlowHead(nnx.Module):
     """v(x_t, t | z): x [B, n, C], t [B] in [0, 1], z [B, n, D] (one scale's trunk vectors)."""
 
     def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
-        w = cfg.head_width
-        self.time_embed = TimestepEmbedder(w, rngs=rngs)
-        self.cond_embed = _linear(cfg.width, w, rngs)
-        self.input_proj = _linear(cfg.token_dim, w, rngs)
+        w, f32 = cfg.head_width, float32(cfg)
+        self.remat = cfg.remat
+        self.time_embed = TimestepEmbedder(w, f32, rngs=rngs)
+        self.cond_embed = _linear(cfg.width, w, dtypes(cfg), rngs)
+        self.input_proj = _linear(cfg.token_dim, w, f32, rngs)
         block = CrossHeadBlock if cfg.cross else HeadBlock
-        self.res_blocks = nnx.List([block(w, cfg.width, rngs=rngs)
+        self.res_blocks = nnx.List([block(w, cfg.width, cfg, rngs=rngs)
                                     for _ in range(cfg.head_depth)])
-        self.final_layer = FinalLayer(w, cfg.token_dim, rngs=rngs)
+        self.final_layer = FinalLayer(w, cfg.token_dim, f32, rngs=rngs)
 
     def context(self, z, rope):
         """Everything that depends on z only (computed once per scale when sampling)."""
-        return {"c": self.cond_embed(z), "blocks": [b.context(z, rope) for b in self.res_blocks]}
+        return {"c": self.cond_embed(z).astype(jnp.float32),
+                "blocks": [b.context(z, rope) for b in self.res_blocks]}
 
     def velocity(self, x, t, ctx, rope):
+        """Float32 in and out (the ODE state); the blocks' matmuls in the compute dtype."""
         temb = self.time_embed(jnp.floor(t.astype(jnp.float32) * 1000))[:, None]
         h = self.input_proj(x)
+        run = remat(self.remat, lambda blk, h, bctx: blk(h, temb, ctx["c"], bctx, rope))
         for block, block_ctx in zip(self.res_blocks, ctx["blocks"]):
-            h = block(h, temb, ctx["c"], block_ctx, rope)
+            h = run(block, h, block_ctx)
         return self.final_layer(h, ctx["c"] + temb)
 
     def __call__(self, x, t, z, rope):
@@ -330,18 +341,20 @@ class FlowAR(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         d, length = cfg.width, cfg.seq_len
-        normal = lambda: nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, length, d)))
-        self.class_emb = nnx.Embed(cfg.num_classes + 1, d, rngs=rngs,
+        f32, pdt = float32(cfg), jnp.dtype(cfg.param_dtype)
+        normal = lambda: nnx.Param((0.02 * jax.random.normal(rngs.params(), (1, length, d))
+                                    ).astype(pdt))
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, d, rngs=rngs, **f32,
                                    embedding_init=nnx.initializers.normal(0.02))
-        self.z_proj = _linear(cfg.token_dim, d, rngs)
-        self.z_proj_ln = RMSNorm(d, eps=1e-6)
+        self.z_proj = _linear(cfg.token_dim, d, f32, rngs)
+        self.z_proj_ln = RMSNorm(d, 1e-6, pdt)
         self.encoder_pos_embed_learned = normal()
         self.encoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.encoder_norm = RMSNorm(d, eps=1e-6)
-        self.decoder_embed = _linear(d, d, rngs)
+        self.encoder_norm = RMSNorm(d, 1e-6, pdt)
+        self.decoder_embed = _linear(d, d, dtypes(cfg), rngs)
         self.decoder_pos_embed_learned = normal()
         self.decoder_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.decoder_norm = RMSNorm(d, eps=1e-6)
+        self.decoder_norm = RMSNorm(d, 1e-6, pdt)
         self.diffusion_pos_embed_learned = normal()
         self.flownet = FlowHead(cfg, rngs=rngs)
 
@@ -353,14 +366,14 @@ class FlowAR(nnx.Module):
         """Embedded tokens x [B, n, D] at positions begin.. through both stacks;
         `layer(index, block, x) -> x` runs one block (full or cached)."""
         end = begin + x.shape[1]
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, begin:end])
+        pos = lambda p: p[:, begin:end].astype(jnp.float32)
+        x = self.z_proj_ln(x + pos(self.encoder_pos_embed_learned))
         for i, block in enumerate(self.encoder_blocks):
             x = layer(i, block, x)
-        x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:,
-                                                                                      begin:end]
+        x = self.decoder_embed(self.encoder_norm(x)) + pos(self.decoder_pos_embed_learned)
         for i, block in enumerate(self.decoder_blocks):
             x = layer(self.cfg.depth + i, block, x)
-        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, begin:end]
+        return self.decoder_norm(x) + pos(self.diffusion_pos_embed_learned)
 
     def drop_labels(self, labels, key):
         drop = jax.random.bernoulli(key, self.cfg.label_drop, labels.shape)
@@ -375,7 +388,8 @@ class FlowAR(nnx.Module):
         mask = jnp.asarray(block_causal_mask(cfg.scales))
         rope = jnp.asarray(np.concatenate(rope_tables(cfg.scales, cfg.width // cfg.heads)))
         keys = _keys(key, 2 * cfg.depth)
-        return self._trunk(x, cond, 0, lambda i, blk, h: blk(h, cond, rope, mask, keys[i]))
+        run = remat(cfg.remat, lambda blk, h, k: blk(h, cond, rope, mask, k))
+        return self._trunk(x, cond, 0, lambda i, blk, h: run(blk, h, keys[i]))
 
     def loss(self, labels, latents, key):
         """Flow-matching loss (training): latents [B, s, s, C] scaled; per scale a uniform t
@@ -397,7 +411,7 @@ class FlowAR(nnx.Module):
     def init_cache(self, batch: int):
         cfg = self.cfg
         return init_scale_cache(batch, cfg.heads, cfg.seq_len, cfg.width // cfg.heads,
-                                2 * cfg.depth)
+                                2 * cfg.depth, jnp.dtype(cfg.dtype))
 
     def embed(self, cond, inputs, scale: int):
         """Scale 0: the class embedding; later: z_proj(next input [B, n^2, C])."""

@@ -20,6 +20,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import Attention, KVCache, init_cache
 from arjax.nn.layers import RMSNorm, SwiGLU, dropout, find_multiple
+from arjax.nn.policy import check_policy, dtypes, remat
 from arjax.nn.rope import rope_2d_table
 
 
@@ -37,7 +38,9 @@ class RasterARConfig:
     rope_base: float = 10000.0
     dropout: float = 0.1  # token, residual and FFN dropout while training
     label_drop: float = 0.1  # CFG null-label rate while training
-    dtype: str = "float32"  # activation dtype ("bfloat16" on accelerators)
+    dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); KV caches too
+    param_dtype: str = "float32"
+    remat: str = "none"  # per-block rematerialisation in training: none | full | dots
 
     @property
     def seq_len(self) -> int:
@@ -54,6 +57,7 @@ class RasterARConfig:
               "model.heads must be a multiple of model.kv_heads")
         check(0 <= self.dropout < 1 and 0 <= self.label_drop < 1,
               "model.dropout and model.label_drop must be in [0, 1)")
+        check_policy(self)
 
 
 # The official LlamaGen sizes (autoregressive/models/gpt.py), 16x16 tokens at 256 px.
@@ -73,11 +77,11 @@ def gpt_config(size: str, **overrides) -> RasterARConfig:
 
 class Block(nnx.Module):
     def __init__(self, cfg: RasterARConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.dtype)
-        self.attention = Attention(cfg.dim, cfg.heads, cfg.kv_heads, dtype=dtype, rngs=rngs)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden, dtype=dtype, rngs=rngs)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        kw = dtypes(cfg)
+        self.attention = Attention(cfg.dim, cfg.heads, cfg.kv_heads, **kw, rngs=rngs)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden, **kw, rngs=rngs)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
         self.rate = cfg.dropout
 
     def __call__(self, x, rope, mask, key=None):
@@ -95,16 +99,17 @@ class RasterAR(nnx.Module):
     def __init__(self, cfg: RasterARConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        dtype = jnp.dtype(cfg.dtype)
+        kw = dtypes(cfg)
         init = nnx.initializers.normal(0.02)
-        self.cls_embedding = nnx.Embed(cfg.num_classes + 1, cfg.dim, dtype=dtype,
+        self.cls_embedding = nnx.Embed(cfg.num_classes + 1, cfg.dim, **kw,
                                        embedding_init=init, rngs=rngs)
-        self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=dtype,
+        self.tok_embeddings = nnx.Embed(cfg.vocab_size, cfg.dim, **kw,
                                         embedding_init=init, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # Zero-initialised head, as in the official model.
-        self.output = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, dtype=dtype,
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
+        # Zero-initialised head, as in the official model; logits accumulate in float32.
+        self.output = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
+                                 preferred_element_type=jnp.float32,
                                  kernel_init=nnx.initializers.zeros, rngs=rngs)
 
     @property
@@ -133,8 +138,9 @@ class RasterAR(nnx.Module):
         x = dropout(x, cfg.dropout, keys[1] if keys else None)
         rope = jnp.asarray(self.rope[:length])
         mask = jnp.tril(jnp.ones((length, length), bool))
+        block = remat(cfg.remat, lambda layer, h, k: layer(h, rope, mask, k))
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, keys[i + 2] if keys else None)
+            x = block(layer, x, keys[i + 2] if keys else None)
         return self._logits(x)
 
     def init_cache(self, batch: int, length: int | None = None) -> list[KVCache]:

@@ -22,6 +22,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import attend
+from arjax.nn.policy import check_policy, dtypes, float32, remat
 from arjax.nn.scales import attend_scale, block_causal_mask, init_scale_cache, scale_levels
 
 
@@ -41,6 +42,9 @@ class VARConfig:
     drop_path: float = 0.0  # stochastic depth of the last block (linear from 0; official 0.1 d/24)
     norm_eps: float = 1e-6
     aln_gamma_init: float = 1e-3  # alng: scale of the gate rows of ada_lin at init
+    dtype: str = "float32"  # matmul/attention compute and KV caches; see arjax.nn.policy
+    param_dtype: str = "float32"
+    remat: str = "none"  # per-block rematerialisation in training: none | full | dots
 
     @property
     def dim(self) -> int:
@@ -62,6 +66,7 @@ class VARConfig:
         check(self.patch_nums[0] == 1 and all(
             a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])),
               f"patch_nums must start at 1 and increase, got {self.patch_nums}")
+        check_policy(self)
 
 
 def var_config(depth: int, **overrides) -> VARConfig:
@@ -80,8 +85,8 @@ def layer_norm(x, eps):
     return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
 
 
-def _linear(cin, cout, rngs, std, bias=True):
-    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs,
+def _linear(cin, cout, rngs, std, bias=True, **dtype_kw):
+    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs, **dtype_kw,
                       kernel_init=nnx.initializers.truncated_normal(std, lower=-2 / std,
                                                                     upper=2 / std))
 
@@ -90,22 +95,29 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: VARConfig, std: float, *, rngs: nnx.Rngs):
         c, h = cfg.dim, cfg.num_heads
         self.cfg = cfg
-        self.mat_qkv = _linear(c, 3 * c, rngs, std, bias=False)
-        self.q_bias = nnx.Param(jnp.zeros((c,)))
-        self.v_bias = nnx.Param(jnp.zeros((c,)))
-        self.scale_mul_1H11 = nnx.Param(jnp.full((1, h, 1, 1), math.log(4.0)))
-        self.proj = _linear(c, c, rngs, std / math.sqrt(2 * cfg.depth))
+        kw, pdt = dtypes(cfg), jnp.dtype(cfg.param_dtype)
+        self.mat_qkv = _linear(c, 3 * c, rngs, std, bias=False, **kw)
+        self.q_bias = nnx.Param(jnp.zeros((c,), pdt))
+        self.v_bias = nnx.Param(jnp.zeros((c,), pdt))
+        self.scale_mul_1H11 = nnx.Param(jnp.full((1, h, 1, 1), math.log(4.0), pdt))
+        self.proj = _linear(c, c, rngs, std / math.sqrt(2 * cfg.depth), **kw)
 
     def qkv(self, x):
+        """q [B,T,H,d], k/v [B,H,T,d] in the compute dtype (bias, l2 norms and the learned
+        scale in float32)."""
         b, t, c = x.shape
         h = self.cfg.num_heads
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros((c,)), self.v_bias[...]])
-        q, k, v = jnp.moveaxis((self.mat_qkv(x) + bias).reshape(b, t, 3, h, c // h), 2, 0)
+        qkv = self.mat_qkv(x).astype(jnp.float32) + bias.astype(jnp.float32)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, h, c // h), 2, 0)
         if self.cfg.attn_l2_norm:
             unit = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-            log_scale = jnp.minimum(self.scale_mul_1H11[...], math.log(100.0)).reshape(h, 1)
+            log_scale = jnp.minimum(self.scale_mul_1H11[...].astype(jnp.float32),
+                                    math.log(100.0)).reshape(h, 1)
             q, k = unit(q) * jnp.exp(log_scale), unit(k)
-        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # k/v [B,H,T,d]
+        dt = jnp.dtype(self.cfg.dtype)
+        return q.astype(dt), k.transpose(0, 2, 1, 3).astype(dt), v.transpose(0, 2, 1, 3
+                                                                            ).astype(dt)
 
     def scale(self) -> float:
         return 1.0 if self.cfg.attn_l2_norm else 0.25 / math.sqrt(self.cfg.dim
@@ -124,8 +136,8 @@ class SelfAttention(nnx.Module):
 class FFN(nnx.Module):
     def __init__(self, cfg: VARConfig, std: float, *, rngs: nnx.Rngs):
         hidden = round(cfg.dim * cfg.mlp_ratio)
-        self.fc1 = _linear(cfg.dim, hidden, rngs, std)
-        self.fc2 = _linear(hidden, cfg.dim, rngs, std / math.sqrt(2 * cfg.depth))
+        self.fc1 = _linear(cfg.dim, hidden, rngs, std, **dtypes(cfg))
+        self.fc2 = _linear(hidden, cfg.dim, rngs, std / math.sqrt(2 * cfg.depth), **dtypes(cfg))
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
@@ -138,9 +150,10 @@ class AdaLNBlock(nnx.Module):
         self.attn = SelfAttention(cfg, std, rngs=rngs)
         self.ffn = FFN(cfg, std, rngs=rngs)
         if cfg.shared_aln:
-            self.ada_gss = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 6, c)) / c**0.5)
+            self.ada_gss = nnx.Param((jax.random.normal(rngs.params(), (1, 1, 6, c)) / c**0.5
+                                      ).astype(cfg.param_dtype))
         else:
-            self.ada_lin = _linear(c, 6 * c, rngs, std)
+            self.ada_lin = _linear(c, 6 * c, rngs, std, **float32(cfg))
             kernel = self.ada_lin.kernel[...]
             self.ada_lin.kernel[...] = jnp.concatenate(
                 [kernel[:, :2 * c] * cfg.aln_gamma_init, kernel[:, 2 * c:] * 0.5], axis=1)
@@ -148,7 +161,7 @@ class AdaLNBlock(nnx.Module):
     def modulation(self, cond):
         """cond [B, C] (or the shared [B, 1, 6, C]) -> six [B, 1, C]."""
         if self.cfg.shared_aln:
-            mods = self.ada_gss[...] + cond
+            mods = self.ada_gss[...].astype(jnp.float32) + cond
         else:
             mods = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
         return [mods[:, :, i] for i in range(6)]
@@ -175,8 +188,8 @@ class AdaLNBlock(nnx.Module):
 
 
 class HeadNorm(nnx.Module):
-    def __init__(self, c: int, std: float, *, rngs: nnx.Rngs):
-        self.ada_lin = _linear(c, 2 * c, rngs, std)
+    def __init__(self, c: int, std: float, *, rngs: nnx.Rngs, **dtype_kw):
+        self.ada_lin = _linear(c, 2 * c, rngs, std, **dtype_kw)
         self.ada_lin.kernel[...] = self.ada_lin.kernel[...] * 0.5
 
     def __call__(self, x, cond, eps):
@@ -189,20 +202,21 @@ class VAR(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         c, std = cfg.dim, math.sqrt(1 / (3 * cfg.dim))
-        normal = lambda shape: nnx.Param(jnp.clip(jax.random.normal(rngs.params(), shape),
-                                                  -2, 2) * std)
-        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, rngs=rngs,
+        f32 = float32(cfg)  # embeddings, AdaLN and the head: float32 (residual stream too)
+        normal = lambda shape: nnx.Param((jnp.clip(jax.random.normal(rngs.params(), shape),
+                                                   -2, 2) * std).astype(cfg.param_dtype))
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, rngs=rngs, **f32,
                                    embedding_init=nnx.initializers.truncated_normal(std))
         self.pos_start = normal((1, 1, c))
         self.pos_1LC = normal((1, cfg.seq_len, c))
-        self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, rngs=rngs,
+        self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, rngs=rngs, **f32,
                                    embedding_init=nnx.initializers.truncated_normal(std))
-        self.word_embed = _linear(cfg.codebook_dim, c, rngs, std)
+        self.word_embed = _linear(cfg.codebook_dim, c, rngs, std, **dtypes(cfg))
         if cfg.shared_aln:
-            self.shared_ada_lin = _linear(c, 6 * c, rngs, std)
+            self.shared_ada_lin = _linear(c, 6 * c, rngs, std, **f32)
         self.blocks = nnx.List([AdaLNBlock(cfg, std, rngs=rngs) for _ in range(cfg.depth)])
-        self.head_nm = HeadNorm(c, std, rngs=rngs)
-        self.head = _linear(c, cfg.vocab_size, rngs, std * 0.02)
+        self.head_nm = HeadNorm(c, std, rngs=rngs, **f32)
+        self.head = _linear(c, cfg.vocab_size, rngs, std * 0.02, **f32)
 
     @property
     def levels(self) -> np.ndarray:
@@ -220,12 +234,12 @@ class VAR(nnx.Module):
         """Token embeddings at positions begin..: the start token (begin == 0, `inputs`
         ignored) or word_embed(inputs [B, n, Cv]), plus level and position embeddings."""
         if begin == 0:
-            x = cond[:, None] + self.pos_start[...]
+            x = cond[:, None] + self.pos_start[...].astype(jnp.float32)
         else:
-            x = self.word_embed(inputs)
+            x = self.word_embed(inputs).astype(jnp.float32)
         end = begin + x.shape[1]
         lvl = self.lvl_embed(jnp.asarray(self.levels[begin:end]))
-        return x + lvl[None] + self.pos_1LC[:, begin:end]
+        return x + lvl[None] + self.pos_1LC[:, begin:end].astype(jnp.float32)
 
     def logits(self, x, cond):
         return self.head(self.head_nm(x.astype(jnp.float32), cond, self.cfg.norm_eps))
@@ -241,15 +255,19 @@ class VAR(nnx.Module):
         x = jnp.concatenate([self.embed(cond, None, 0), self.embed(cond, inputs, 1)], axis=1)
         mask = jnp.asarray(block_causal_mask(self.cfg.patch_nums))
         rates = np.linspace(0, self.cfg.drop_path, self.cfg.depth)
+        def run(rate: float):  # the drop rate stays a Python float (static)
+            return remat(self.cfg.remat, lambda blk, h, k: blk(
+                h, block_cond, mask, None if k is None else (k, rate)))
+
         for i, block in enumerate(self.blocks):
-            drop = None if key is None else (jax.random.fold_in(key, i + 1), float(rates[i]))
-            x = block(x, block_cond, mask, drop)
+            x = run(float(rates[i]))(block, x,
+                                     None if key is None else jax.random.fold_in(key, i + 1))
         return self.logits(x, cond)
 
     def init_cache(self, batch: int):
         cfg = self.cfg
         return init_scale_cache(batch, cfg.num_heads, cfg.seq_len, cfg.dim // cfg.num_heads,
-                                cfg.depth)
+                                cfg.depth, jnp.dtype(cfg.dtype))
 
     def decode_scale(self, x, cond, block_cond, cache, begin: int):
         """One scale's embedded tokens x [B, n, C] -> (logits [B, n, V], cache)."""

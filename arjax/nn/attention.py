@@ -48,14 +48,15 @@ class Attention(nnx.Module):
     """LlamaGen attention: fused `wqkv` (rows [q; k; v]), no biases, RoPE on q and k."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, dtype,
-                 rngs: nnx.Rngs, init_std: float = 0.02):
+                 rngs: nnx.Rngs, init_std: float = 0.02, param_dtype=jnp.float32):
         self.heads, self.kv_heads = heads, kv_heads or heads
         self.head_dim = dim // heads
         init = nnx.initializers.normal(init_std)
         total = (self.heads + 2 * self.kv_heads) * self.head_dim
-        self.wqkv = nnx.Linear(dim, total, use_bias=False, dtype=dtype, kernel_init=init,
-                               rngs=rngs)
-        self.wo = nnx.Linear(dim, dim, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
+                  rngs=rngs)
+        self.wqkv = nnx.Linear(dim, total, **kw)
+        self.wo = nnx.Linear(dim, dim, **kw)
 
     def _qkv(self, x, rope):
         b, t, _ = x.shape

@@ -9,13 +9,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arjax.nn.policy import conv_kwargs
 
-def conv2d(cin, cout, k, rngs, stride=1, padding=1):
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, rngs=rngs)
+
+def conv2d(cin, cout, k, rngs, stride=1, padding=1, float32=False):
+    """A conv in the dtypes of the enclosing `arjax.nn.policy.conv_dtypes` (or float32)."""
+    kw = conv_kwargs()
+    if float32:
+        kw["dtype"] = jnp.float32
+    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, rngs=rngs, **kw)
 
 
 def group_norm(c, groups, rngs):
-    return nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, rngs=rngs)
+    """Statistics in float32 (flax), output in the compute dtype."""
+    return nnx.GroupNorm(c, num_groups=groups, epsilon=1e-6, rngs=rngs, **conv_kwargs())
+
+
+def spatial_attention(q, k, v):
+    """Single-head attention over positions: q/k/v [B, N, C]; logits in float32."""
+    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    return jnp.einsum("bij,bjc->bic", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
 
 
 class ResnetBlock(nnx.Module):
@@ -44,8 +57,7 @@ class AttnBlock(nnx.Module):
         b, h, w, c = x.shape
         y = self.norm(x)
         q, k, v = (f(y).reshape(b, h * w, c) for f in (self.q, self.k, self.v))
-        att = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
-        return x + self.proj_out(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
+        return x + self.proj_out(spatial_attention(q, k, v).reshape(b, h, w, c))
 
 
 class Downsample(nnx.Module):

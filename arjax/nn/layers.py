@@ -10,9 +10,9 @@ from flax import nnx
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 and cast back (Llama/LlamaGen: eps 1e-5, weighted)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -23,9 +23,11 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
     """w2(silu(w1 x) * w3 x), no biases (Llama)."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, init_std: float = 0.02):
+    def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, init_std: float = 0.02,
+                 param_dtype=jnp.float32):
         init = nnx.initializers.normal(init_std)
-        kw = dict(use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
+                  rngs=rngs)
         self.w1 = nnx.Linear(dim, hidden, **kw)
         self.w3 = nnx.Linear(dim, hidden, **kw)
         self.w2 = nnx.Linear(hidden, dim, **kw)

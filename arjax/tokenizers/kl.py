@@ -18,6 +18,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.conv import AttnBlock, conv2d
+from arjax.nn.policy import check_policy, conv_dtypes
 from arjax.tokenizers.ldm import Decoder, Encoder
 
 
@@ -30,6 +31,8 @@ class KLConfig:
     norm_groups: int = 32
     scale: float = 0.2325  # latent normalisation (0: estimate 1 / std from the training set)
     kl_weight: float = 1e-6  # training only: weight of the per-element KL next to the L2 loss
+    dtype: str = "float32"  # conv compute (moments, posterior and outputs are float32)
+    param_dtype: str = "float32"
 
     @property
     def downsample(self) -> int:
@@ -41,6 +44,7 @@ class KLConfig:
               f"tokenizer widths {widths} must be multiples of norm_groups={self.norm_groups}")
         check(self.embed_dim > 0 and self.scale >= 0 and self.kl_weight >= 0,
               "tokenizer.embed_dim must be > 0, scale and kl_weight >= 0")
+        check_policy(self, "tokenizer")
 
 
 KL_16 = KLConfig()
@@ -67,20 +71,21 @@ class KLVAE(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         e = cfg.embed_dim
-        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, 2 * e, cfg.norm_groups,
-                               AttnBlock, rngs=rngs)
-        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, e, cfg.norm_groups,
-                               AttnBlock, level_attn=False, rngs=rngs)
-        self.quant_conv = conv2d(2 * e, 2 * e, 1, rngs, padding=0)
-        self.post_quant_conv = conv2d(e, e, 1, rngs, padding=0)
+        with conv_dtypes(cfg):
+            self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, 2 * e,
+                                   cfg.norm_groups, AttnBlock, rngs=rngs)
+            self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, e, cfg.norm_groups,
+                                   AttnBlock, level_attn=False, rngs=rngs)
+            self.quant_conv = conv2d(2 * e, 2 * e, 1, rngs, padding=0, float32=True)
+            self.post_quant_conv = conv2d(e, e, 1, rngs, padding=0)
 
     def moments(self, images: jax.Array) -> jax.Array:
-        """[B, H, W, 3] -> [B, h, w, 2 * embed_dim] (mean, logvar)."""
+        """[B, H, W, 3] -> float32 [B, h, w, 2 * embed_dim] (mean, logvar)."""
         return self.quant_conv(self.encoder(images))
 
     def decode_raw(self, z: jax.Array) -> jax.Array:
-        """Unscaled latents -> images (not clamped)."""
-        return self.decoder(self.post_quant_conv(z))
+        """Unscaled latents -> float32 images (not clamped)."""
+        return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
 
     def decode(self, latents: jax.Array, scale: float) -> jax.Array:
         """Scaled latents (what generators produce) -> images in [-1, 1]."""

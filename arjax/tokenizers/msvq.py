@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from arjax.config import check
-from arjax.nn.conv import conv2d, group_norm
+from arjax.nn.conv import conv2d, group_norm, spatial_attention
+from arjax.nn.policy import check_policy, conv_dtypes
 from arjax.nn.resize import resize
 from arjax.tokenizers.ldm import Decoder, Encoder
 
@@ -37,6 +38,8 @@ class MSVQConfig:
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
     norm_groups: int = 32
+    dtype: str = "float32"  # encoder/decoder convs (the quantiser is float32)
+    param_dtype: str = "float32"
 
     @property
     def downsample(self) -> int:
@@ -53,6 +56,7 @@ class MSVQConfig:
         check(all(w % self.norm_groups == 0 for w in widths),
               f"tokenizer widths {widths} must be multiples of norm_groups={self.norm_groups}")
         check(self.num_phi >= 1, "num_phi must be >= 1")
+        check_policy(self, "tokenizer")
 
     def phi_index(self) -> tuple[int, ...]:
         """Which Phi each scale uses: argmin |ticks - k / (K - 1)| in float64 (official)."""
@@ -76,14 +80,15 @@ class Attn(nnx.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
-        att = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
-        return x + self.proj_out(jnp.einsum("bij,bjc->bic", att, v).reshape(b, h, w, c))
+        return x + self.proj_out(spatial_attention(q, k, v).reshape(b, h, w, c))
 
 
 class PhiShared(nnx.Module):
     def __init__(self, cfg: MSVQConfig, *, rngs: nnx.Rngs):
         c = cfg.codebook_dim
-        self.qresi_ls = nnx.List([conv2d(c, c, 3, rngs) for _ in range(cfg.num_phi)])
+        # float32: the official quantiser runs with autocast off
+        self.qresi_ls = nnx.List([conv2d(c, c, 3, rngs, float32=True)
+                                  for _ in range(cfg.num_phi)])
 
 
 class MultiScaleQuantizer(nnx.Module):
@@ -153,29 +158,34 @@ class MultiScaleVQVAE(nnx.Module):
     def __init__(self, cfg: MSVQConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim,
-                               cfg.norm_groups, Attn, rngs=rngs)
-        self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim,
-                               cfg.norm_groups, Attn, level_attn=True, rngs=rngs)
-        self.quantize = MultiScaleQuantizer(cfg, rngs=rngs)
-        c = cfg.codebook_dim
-        self.quant_conv = conv2d(c, c, 3, rngs)
-        self.post_quant_conv = conv2d(c, c, 3, rngs)
+        with conv_dtypes(cfg):
+            self.encoder = Encoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim,
+                                   cfg.norm_groups, Attn, rngs=rngs)
+            self.decoder = Decoder(cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.codebook_dim,
+                                   cfg.norm_groups, Attn, level_attn=True, rngs=rngs)
+            self.quantize = MultiScaleQuantizer(cfg, rngs=rngs)
+            c = cfg.codebook_dim
+            self.quant_conv = conv2d(c, c, 3, rngs)
+            self.post_quant_conv = conv2d(c, c, 3, rngs)
 
     def features(self, images):
-        return self.quant_conv(self.encoder(images))
+        """float32 features for the quantiser."""
+        return self.quant_conv(self.encoder(images)).astype(jnp.float32)
 
     def __call__(self, images):
         """Reconstruction and the quantiser loss (training)."""
         f_hat, codes, loss = self.quantize(self.features(images))
-        return self.decoder(self.post_quant_conv(f_hat)), {"quant": loss, "codes": codes}
+        return self._decode(f_hat), {"quant": loss, "codes": codes}
+
+    def _decode(self, f_hat):
+        return self.decoder(self.post_quant_conv(f_hat)).astype(jnp.float32)
 
     def encode(self, images) -> list[jax.Array]:
         return self.quantize(self.features(images))[1]
 
     def decode_f_hat(self, f_hat):
         """Images in [-1, 1] (clamped, as the official fhat_to_img)."""
-        return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1, 1)
+        return jnp.clip(self._decode(f_hat), -1, 1)
 
     def decode(self, codes: list[jax.Array]):
         side = self.cfg.patch_nums[-1]

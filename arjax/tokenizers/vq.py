@@ -16,6 +16,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.conv import AttnBlock, Downsample, Level, ResnetBlock, Upsample, conv2d, group_norm
+from arjax.nn.policy import check_policy, conv_dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class VQConfig:
     z_channels: int = 256
     norm_groups: int = 32
     image_channels: int = 3
+    dtype: str = "float32"  # encoder/decoder convs (the quantiser is float32)
+    param_dtype: str = "float32"
 
     @property
     def downsample(self) -> int:
@@ -42,6 +45,7 @@ class VQConfig:
         check(all(w % self.norm_groups == 0 for w in widths),
               f"tokenizer widths {widths} must be multiples of norm_groups={self.norm_groups}")
         check(self.codebook_size > 1 and self.codebook_dim > 0, "bad codebook size/dim")
+        check_policy(self, "tokenizer")
 
 
 VQ_16 = VQConfig()
@@ -152,16 +156,21 @@ class VQTokenizer(nnx.Module):
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        self.encoder = Encoder(cfg, rngs=rngs)
-        self.decoder = Decoder(cfg, rngs=rngs)
-        self.quantize = VectorQuantizer(cfg, rngs=rngs)
-        self.quant_conv = conv2d(cfg.z_channels, cfg.codebook_dim, 1, rngs, padding=0)
-        self.post_quant_conv = conv2d(cfg.codebook_dim, cfg.z_channels, 1, rngs, padding=0)
+        with conv_dtypes(cfg):
+            self.encoder = Encoder(cfg, rngs=rngs)
+            self.decoder = Decoder(cfg, rngs=rngs)
+            self.quantize = VectorQuantizer(cfg, rngs=rngs)  # float32 (nnx.Embed)
+            self.quant_conv = conv2d(cfg.z_channels, cfg.codebook_dim, 1, rngs, padding=0,
+                                     float32=True)
+            self.post_quant_conv = conv2d(cfg.codebook_dim, cfg.z_channels, 1, rngs, padding=0)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Reconstruction and quantiser losses (training)."""
         z_q, codes, losses = self.quantize(self.quant_conv(self.encoder(images)))
-        return self.decoder(self.post_quant_conv(z_q)), {**losses, "codes": codes}
+        return self._decode(z_q), {**losses, "codes": codes}
+
+    def _decode(self, z_q):
+        return self.decoder(self.post_quant_conv(z_q)).astype(jnp.float32)
 
     def encode(self, images: jax.Array) -> jax.Array:
         _, codes, _ = self.quantize(self.quant_conv(self.encoder(images)))
@@ -170,4 +179,4 @@ class VQTokenizer(nnx.Module):
     def decode(self, codes: jax.Array) -> jax.Array:
         side = int(round(codes.shape[-1] ** 0.5))
         z_q = self.quantize.codebook()[codes].reshape(codes.shape[0], side, side, -1)
-        return self.decoder(self.post_quant_conv(z_q))
+        return self._decode(z_q)
