@@ -87,22 +87,28 @@ DIGITS = Config(
 
 
 def imagenet(depth: int) -> Config:
-    """Official recipe (bs 768/1024, tblr 1e-4 or 8e-5, 200-350 epochs) and the FID sampling
-    protocol (official cfg 1.5 = weight 2.5 at the last scale, top-k 900, top-p 0.96); the
-    tokenizer is trained here."""
+    """Official recipe (README commands + utils/arg_util.py defaults): global batch 768
+    (d30: 1024), lr = tblr * bs / 256 with tblr 1e-4 (d24/d30: 8e-5), 200-350 epochs, AdamW
+    (0.9, 0.95), grad clip 2, the `lin0` schedule (warm-up ep/50 epochs from 0.005 x lr, hold
+    5 %, linear to wpe x lr: wpe 0.1 for d16/d20, 0.01 for d24/d30), weight decay 0.05
+    (d30: cosine to 0.08, `--twde=0.08`), no EMA; and the FID sampling protocol (official
+    cfg 1.5 = weight 2.5 at the last scale, top-k 900, top-p 0.96). The tokenizer is trained
+    here."""
     batch = 1024 if depth >= 30 else 768
     epochs = {16: 200, 20: 250, 24: 350, 30: 350}[depth]
     lr = (1e-4 if depth <= 20 else 8e-5) * batch / 256
+    steps = steps_for_epochs(epochs, batch)
     return Config(
         **IMAGENET_SAMPLING,
         tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
         model=var_config(depth),
         var_train=StageConfig(
-            steps=steps_for_epochs(epochs, batch), batch_size=batch, log_every=100,
-            ckpt_every=5000, optim=OptimConfig(lr=lr, weight_decay=0.05, b2=0.95,
-                                               grad_clip=2.0,
-                                               warmup_steps=steps_for_epochs(epochs / 50,
-                                                                             batch))),
+            steps=steps, batch_size=batch, log_every=100, ckpt_every=5000,
+            optim=OptimConfig(lr=lr, weight_decay=0.05, b2=0.95, grad_clip=2.0,
+                              schedule="lin0", total_steps=steps,
+                              warmup_steps=steps_for_epochs(epochs / 50, batch),
+                              warmup_start=0.005, end_ratio=0.1 if depth <= 20 else 0.01,
+                              weight_decay_end=0.08 if depth == 30 else -1.0)),
         sample=VARSampleConfig(cfg=2.5, top_k=900, top_p=0.96),
     )
 

@@ -1,5 +1,7 @@
 """What a run at scale needs: EMA, restore without init, weights placed on the mesh once."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,3 +306,49 @@ def test_bfloat16_training_lowers_the_loss(name):
 def test_bad_policy_is_a_config_error(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_gpt_config(**bad).validate()
+
+
+# --- official schedules -------------------------------------------------------------------
+
+def var_official_lr(it, wp_it, max_it, peak, wp0, wpe):
+    """VAR utils/lr_control.py lr_wd_annealing, sche_type='lin0', stated directly."""
+    if it < wp_it:
+        ratio = wp0 + (1 - wp0) * it / wp_it
+    else:
+        passed = (it - wp_it) / (max_it - 1 - wp_it)
+        ratio = 1 if passed < 0.05 else wpe + (1 - wpe) * (1 - passed) / 0.95
+    return peak * ratio
+
+
+def var_official_wd(it, max_it, wd, wd_end):
+    return wd_end + (wd - wd_end) * (0.5 + 0.5 * math.cos(math.pi * it / (max_it - 1)))
+
+
+def test_var_lin0_and_cosine_weight_decay_match_the_official_formulas():
+    """Zero gradients leave AdamW's decoupled decay alone: update = -lr_t * wd_t * p, so the
+    optimizer's own steps reveal lr_t * wd_t at every step."""
+    total, warm = 200, 10
+    cfg = OptimConfig(lr=3e-4, weight_decay=0.05, weight_decay_end=0.08, schedule="lin0",
+                      total_steps=total, warmup_steps=warm, warmup_start=0.005,
+                      end_ratio=0.01, grad_clip=2.0)
+    tx = make_optimizer(cfg)
+    params = {"w": jnp.ones((2, 2))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    got = []
+    for _ in range(total):
+        updates, state = update(zeros, state, params)
+        got.append(-float(updates["w"][0, 0]))
+    want = [var_official_lr(i, warm, total, 3e-4, 0.005, 0.01)
+            * var_official_wd(i, total, 0.05, 0.08) for i in range(total)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_var_presets_state_their_schedule():
+    from experiments.var_imagenet import PRESETS
+    d16 = PRESETS["imagenet256_d16"].var_train.optim
+    d30 = PRESETS["imagenet256_d30"].var_train.optim
+    assert (d16.schedule, d16.end_ratio, d16.weight_decay_end) == ("lin0", 0.1, -1.0)
+    assert (d30.schedule, d30.end_ratio, d30.weight_decay_end) == ("lin0", 0.01, 0.08)
+    assert d16.total_steps == PRESETS["imagenet256_d16"].var_train.steps
