@@ -104,8 +104,8 @@ DIGITS = Config(
 def imagenet(size: str) -> Config:
     """LlamaGen c2i at 256 px: VQ-16 (official weights) + GPT-`size`, official recipe
     (300 epochs at batch 256, AdamW(0.9, 0.95), constant lr 1e-4 without warm-up, wd 0.05,
-    grad clip 1, no EMA: `--ema` is off in the README commands) and FID guidance (cfg 2.0 for B/L, 1.75 for
-    XL/XXL, 1.65 for 3B)."""
+    grad clip 1, no EMA: `--ema` is off in the README commands) and FID guidance (cfg 2.0
+    for B/L, 1.75 for XL/XXL, 1.65 for 3B)."""
     return Config(
         **IMAGENET_SAMPLING,
         tokenizer=VQ_16,
