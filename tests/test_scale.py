@@ -1,5 +1,6 @@
 """What a run at scale needs: EMA, restore without init, weights placed on the mesh once."""
 
+import dataclasses
 import math
 
 import jax
@@ -352,3 +353,35 @@ def test_var_presets_state_their_schedule():
     assert (d16.schedule, d16.end_ratio, d16.weight_decay_end) == ("lin0", 0.1, -1.0)
     assert (d30.schedule, d30.end_ratio, d30.weight_decay_end) == ("lin0", 0.01, 0.08)
     assert d16.total_steps == PRESETS["imagenet256_d16"].var_train.steps
+
+
+@pytest.mark.slow  # two sampler compilations per family: make test-all
+def test_bfloat16_samplers_follow_float32():
+    """Same weights and noise: FlowAR's ODE latents within 5 % in bfloat16 (caches bf16, ODE
+    state float32), VAR's greedy codes at least 90 % identical."""
+    import test_flowar
+    import test_var
+
+    from arjax.sampling import var as var_sampling
+    from arjax.sampling.flowar import FlowSampleConfig, sample_latents
+    from arjax.tokenizers.msvq import MultiScaleVQVAE as VQVAE
+
+    cfg, graphdef, params = test_flowar.tiny(True, seed=3, noise=0.05)
+    bf16 = lambda module, c: split(nnx.eval_shape(lambda: module(
+        dataclasses.replace(c, dtype="bfloat16"), rngs=nnx.Rngs(0))))[0]
+    labels = jnp.array([0, 1, 2, 0])
+    flow = lambda g: jax.jit(lambda p: sample_latents(g, p, jax.random.key(5), labels,
+                                                      FlowSampleConfig(num_steps=6, cfg=2.0)))
+    a, b = flow(graphdef)(params)[0], flow(bf16(FlowAR, cfg))(params)[0]
+    assert b.dtype == jnp.float32 and 0 < relative_error(b, a) < 5e-2
+
+    var_graphdef, var_params = test_var.randomised(
+        lambda: VAR(test_var.TINY_VAR, rngs=nnx.Rngs(0)), 0)
+    vae_graphdef, vae_params = test_var.randomised(
+        lambda: VQVAE(test_var.TINY_VAE, rngs=nnx.Rngs(0)), 1)
+    greedy = var_sampling.VARSampleConfig(cfg=2.0, top_k=1, top_p=1.0)
+    codes = [np.asarray(jax.jit(lambda p, q, g=g: var_sampling.sample(
+        g, p, vae_graphdef, q, jax.random.key(0), jnp.arange(4), greedy))(
+            var_params, vae_params).aux["codes"])
+        for g in (var_graphdef, bf16(VAR, test_var.TINY_VAR))]
+    assert np.mean(codes[0] == codes[1]) >= 0.9
