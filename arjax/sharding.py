@@ -59,10 +59,12 @@ def fsdp(axis: str = "fsdp", min_size_mb: float = 4.0) -> SpecFn:
 
 DEFAULT_RULES: tuple[Rule, ...] = ((r".*", fsdp()),)
 
-# Named rule sets a config selects (`param_sharding`): every large tensor split over `fsdp`
-# (replicated on a mesh without that axis), or everything replicated.
+# Named rule sets a config selects (`param_sharding`): every tensor of 4 MB or more split
+# over `fsdp` (replicated on a mesh without that axis), every tensor whatever its size, or
+# everything replicated.
 RULE_SETS: dict[str, tuple[Rule, ...]] = {
     "fsdp": DEFAULT_RULES,
+    "fsdp_all": ((r".*", fsdp(min_size_mb=0.0)),),
     "replicated": ((r".*", P()),),
 }
 

@@ -37,6 +37,7 @@ from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConf
 from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
+    PlannedStage,
     StageConfig,
     check_sampling,
     check_stages,
@@ -152,6 +153,16 @@ def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampl
     """params -> Generated: trunk, flow ODEs and VAE decoder in one jit."""
     return make_generator(lambda p, vp, key, labels: flowar_sampling.sample(
         graphdef, p, vae_graphdef, vp, key, labels, sample_cfg, latent_scale), mesh, vae_params)
+
+
+def plan_stage(cfg: Config) -> PlannedStage:
+    """The FlowAR stage for `arjax.plan`: batches of cached posterior moments and labels."""
+    side, moments = cfg.model.side, 2 * cfg.tokenizer.embed_dim
+    return PlannedStage(
+        "flowar", lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
+        make_flowar_loss(cfg.tokenizer.scale or 1.0), cfg.flowar_train,
+        {"codes": jax.ShapeDtypeStruct((side, side, moments), jnp.float32),
+         "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

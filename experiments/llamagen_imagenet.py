@@ -44,6 +44,7 @@ from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConf
 from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
+    PlannedStage,
     StageConfig,
     check_sampling,
     check_stages,
@@ -193,6 +194,14 @@ def eval_loss(graphdef, params, source, batch: int) -> float:
         source[np.arange(s, min(s + batch, source.num_examples))])))
         for s in range(0, source.num_examples, batch)]
     return float(np.mean(losses))
+
+
+def plan_stage(cfg: Config) -> PlannedStage:
+    """The GPT stage for `arjax.plan`: batches of raster codes and labels."""
+    return PlannedStage(
+        "gpt", lambda: RasterAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)), gpt_loss,
+        cfg.gpt_train, {"codes": jax.ShapeDtypeStruct((cfg.model.seq_len,), jnp.int32),
+                        "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

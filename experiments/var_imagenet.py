@@ -39,6 +39,7 @@ from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConf
 from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
+    PlannedStage,
     StageConfig,
     check_sampling,
     check_stages,
@@ -164,6 +165,18 @@ def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSample
     """params -> Generated: the whole sampler incl. the decoder in one jit."""
     return make_generator(lambda p, vp, key, labels: var_sampling.sample(
         graphdef, p, vae_graphdef, vp, key, labels, sample_cfg), mesh, vae_params)
+
+
+def plan_stage(cfg: Config) -> PlannedStage:
+    """The VAR stage for `arjax.plan`: batches of flat multi-scale codes and labels (the
+    quantiser that rebuilds the inputs is built for real: a few hundred K parameters)."""
+    from arjax.tokenizers.msvq import MultiScaleQuantizer
+
+    quantizer = split(MultiScaleQuantizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed)))
+    return PlannedStage(
+        "var", lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)), make_var_loss(quantizer),
+        cfg.var_train, {"codes": jax.ShapeDtypeStruct((cfg.model.seq_len,), jnp.int32),
+                        "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

@@ -120,8 +120,7 @@ def test_converted_weights_are_sharded_once_and_sample_the_same_tokens(devices):
     cfg = tiny_gpt_config(dim=64, heads=4)
     graphdef, params = tiny_gpt(dim=64, heads=4)
     converted = llamagen.gpt_params_from_torch(llamagen.to_torch(params), cfg)
-    rules = ((r".*", sharding.fsdp(min_size_mb=0.0)),)
-    sharded = sharding.place(converted, mesh, rules)
+    sharded = sharding.place(converted, mesh, sharding.rules_named("fsdp_all"))
     replicated = sharding.place(converted, mesh, sharding.rules_named("replicated"))
     for leaf in jax.tree.leaves(sharded):
         if leaf.ndim == 2:
@@ -385,3 +384,44 @@ def test_bfloat16_samplers_follow_float32():
             var_params, vae_params).aux["codes"])
         for g in (var_graphdef, bf16(VAR, test_var.TINY_VAR))]
     assert np.mean(codes[0] == codes[1]) >= 0.9
+
+
+# --- memory planner -----------------------------------------------------------------------
+
+def test_plan_counts_state_bytes_per_device_exactly(capsys):
+    """8 CPU devices, FSDP over 4 with every tensor eligible: parameters and EMA are a
+    quarter of the float32 model on each device, Adam twice that, all inside XLA's own
+    argument bytes of the compiled step."""
+    from arjax import plan
+    from arjax.models import param_count
+    from experiments import llamagen_imagenet as exp
+
+    args = plan.parse_args(["--config", "llamagen_imagenet:digits", "--devices", "8",
+                            "--mesh", "data=2,fsdp=4", "--json",
+                            "--set", "gpt_train.ema_decay=0.999",
+                            "--set", "param_sharding=fsdp_all"])
+    cfg = exp.PRESETS["digits"]
+    count = param_count(split(nnx.eval_shape(lambda: RasterAR(cfg.model, rngs=nnx.Rngs(0))))[1])
+    result = plan.run(args)
+    assert result["per_device_batch"] == cfg.gpt_train.batch_size // 8
+    assert result["params"] == result["ema"] < count * 4 / 3  # sharded (odd sizes stay whole)
+    assert result["params"] > count * 4 / 4 - 1
+    assert 2 * result["params"] <= result["opt_state"] <= 2 * result["params"] + 64
+    state = result["params"] + result["opt_state"] + result["ema"]
+    assert result["compiled"]["argument"] >= state + result["batch"]
+    assert '"config": "llamagen_imagenet:digits"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--config", "llamagen_imagenet"], "expected <experiment>:<preset>"),
+    (["--config", "nope:digits"], "no experiment named 'nope'"),
+    (["--config", "var_imagenet:d99"], "no preset 'd99'"),
+    (["--config", "var_imagenet:digits", "--target", "gpu"], "use cpu or tpu"),
+    (["--config", "var_imagenet:digits", "--devices", "16"], "--devices 16 but JAX has 8"),
+])
+def test_plan_bad_input_is_one_line(argv, match, no_compilation):
+    from arjax import plan
+
+    argv = ["--devices", "8", *argv] if "--devices" not in argv else argv
+    with pytest.raises(ValueError, match=match):
+        plan.run(plan.parse_args(argv))

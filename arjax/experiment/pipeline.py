@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -55,6 +57,17 @@ class StageConfig:
     @property
     def samples_from_ema(self) -> bool:
         return self.ema_decay > 0 and self.use_ema
+
+
+class PlannedStage(NamedTuple):
+    """What `arjax.plan` compiles: a stage's model, loss, training config and the shapes of
+    one example of its batches (no leading batch axis)."""
+    name: str
+    module_fn: Callable
+    loss_fn: Callable
+    stage: StageConfig
+    example: dict[str, jax.ShapeDtypeStruct]
+    model_cfg: object
 
 
 def sampling_weights(state, stage: StageConfig):
