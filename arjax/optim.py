@@ -37,10 +37,12 @@ class OptimConfig:
               f"{name}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         check(0 <= self.warmup_start <= 1 and 0 <= self.end_ratio <= 1,
               f"{name}.warmup_start and {name}.end_ratio must be in [0, 1]")
-        scheduled = self.schedule != "constant" or self.weight_decay_end >= 0
-        check(not scheduled or self.total_steps > self.warmup_steps + 1,
-              f"{name}.schedule={self.schedule!r} (or weight_decay_end) needs "
-              f"{name}.total_steps > {name}.warmup_steps + 1")
+        check(self.schedule != "cosine" or self.total_steps > self.warmup_steps,
+              f"{name}.schedule='cosine' needs {name}.total_steps > {name}.warmup_steps")
+        check(self.schedule != "lin0" or self.total_steps > self.warmup_steps + 1,
+              f"{name}.schedule='lin0' needs {name}.total_steps > {name}.warmup_steps + 1")
+        check(self.weight_decay_end < 0 or self.total_steps > 1,
+              f"{name}.weight_decay_end needs {name}.total_steps > 1 (its cosine horizon)")
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:

@@ -425,3 +425,26 @@ def test_plan_bad_input_is_one_line(argv, match, no_compilation):
     argv = ["--devices", "8", *argv] if "--devices" not in argv else argv
     with pytest.raises(ValueError, match=match):
         plan.run(plan.parse_args(argv))
+
+
+def test_stages_sample_and_evaluate_with_the_ema_by_default(devices):
+    from arjax.experiment.pipeline import StageConfig, train_stage
+
+    mesh = sharding.make_mesh((("data", 1),), devices[:1])
+    module_fn = lambda: RasterAR(tiny_gpt_config(), rngs=nnx.Rngs(0))
+    seen = []
+
+    def run(**stage):
+        cfg = StageConfig(steps=3, batch_size=8, log_every=1, optim=OptimConfig(lr=1e-2),
+                          **stage)
+        evaluate = lambda weights: seen.append(weights) or {"n": 0.0}
+        return train_stage("gpt", module_fn, gpt_loss, cfg, CODES, 0, mesh, None, False,
+                           evaluate)[1]
+
+    ema = run(ema_decay=0.5)
+    raw = run(ema_decay=0.5, use_ema=False)
+    plain = run()
+    assert seen[0] is ema and seen[1] is raw
+    jax.tree.map(np.testing.assert_array_equal, raw, plain)  # the EMA never feeds training
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema),
+                                                         jax.tree.leaves(raw)))
