@@ -245,7 +245,8 @@ def outputs(name, model, batch):
 SLOW = pytest.mark.slow  # > 25 s on 2 cores (compilation): make test-all
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n in ("kl", "flowar") else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n in ("kl", "flowar", "msvq",
+                                                                      "var") else n
                                   for n in sorted(FAMILIES)])
 def test_bfloat16_forward_is_close_to_float32(name):
     """Same float32 weights, compute in bfloat16: outputs within 2 % (relative l2) of the
@@ -427,6 +428,7 @@ def test_plan_bad_input_is_one_line(argv, match, no_compilation):
         plan.run(plan.parse_args(argv))
 
 
+@pytest.mark.slow  # ~40 s on 2 cores (three short trainings): make test-all
 def test_stages_sample_and_evaluate_with_the_ema_by_default(devices):
     from arjax.experiment.pipeline import StageConfig, train_stage
 
