@@ -132,15 +132,13 @@ def abstract_step(stage, mesh, rules, per_device_batch: int):
     cfg = stage.stage
     tx = make_optimizer(cfg.optim)
     graphdef = split(nnx.eval_shape(stage.module_fn))[0]
-    abstract = jax.eval_shape(lambda: init_state(split(stage.module_fn())[1], tx, 0,
-                                                 ema=cfg.ema_decay > 0))
-    shardings = sharding.param_shardings(abstract, mesh, rules)
+    state, shardings = sharding.abstract_sharded(
+        lambda: init_state(split(stage.module_fn())[1], tx, 0, ema=cfg.ema_decay > 0), mesh,
+        rules)
     batch_sharding = sharding.batch_sharding(mesh)
     global_batch = per_device_batch * sharding.data_parallel_size(mesh)
     batch = {k: jax.ShapeDtypeStruct((global_batch, *v.shape), v.dtype, sharding=batch_sharding)
              for k, v in stage.example.items()}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract, shardings)
     step = jax.jit(make_train_step(graphdef, stage.loss_fn, tx, cfg.ema_decay, cfg.ema_warmup),
                    in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -102,6 +102,17 @@ def param_shardings(abstract: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_R
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
+def abstract_sharded(fn: Callable[[], Any], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+                     ) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) of what `fn()` returns,
+    without running it: a restore target, or the inputs of an ahead-of-time compilation."""
+    abstract = jax.eval_shape(fn)
+    shardings = param_shardings(abstract, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    return target, shardings
+
+
 def place(tree: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
     """Puts a host (numpy) or device tree on the mesh in the layout `rules` give (the same
     layout `fit` trains in), once: jitted samplers then take device arrays and never

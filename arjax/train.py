@@ -47,11 +47,8 @@ def restore_or_init(init_fn: Callable[[], TrainState], mesh, rules: Sequence[sha
     shardings the `rules` give (scalars replicated): the shapes come from `jax.eval_shape`,
     so a resumed run never materialises (or compiles) a random init. Returns (state,
     shardings)."""
-    abstract = jax.eval_shape(init_fn)
-    shardings = sharding.param_shardings(abstract, mesh, rules)
+    target, shardings = sharding.abstract_sharded(init_fn, mesh, rules)
     if ckpt is not None and ckpt.latest_step() is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, shardings)
         return ckpt.restore_newest_intact(target), shardings
     return jax.jit(init_fn, out_shardings=shardings)(), shardings
 

@@ -51,8 +51,8 @@ def float32(cfg) -> dict:
 
 def remat(policy: str, call: Callable) -> Callable:
     """`call(module, *arrays)` with its activations rematerialised per `policy` in the
-    backward pass (the forward is unchanged); "none" returns `call` itself."""
-    check(policy in REMAT_POLICIES, f"remat={policy!r} must be one of {sorted(REMAT_POLICIES)}")
+    backward pass (the forward is unchanged); "none" returns `call` itself. `policy` is
+    checked with the model config (`check_policy`)."""
     if policy == "none":
         return call
     return nnx.remat(call, policy=REMAT_POLICIES[policy])
