@@ -131,6 +131,10 @@ def from_argv(presets: Mapping[str, C], argv: Sequence[str], doc: str = ""
     parser.add_argument("--tag", default=None,
                         help="name of this run's report folder <workdir>/samples/<tag> "
                              "(default step<N>; never overwrites an earlier report)")
+    parser.add_argument("--distributed", default=None, choices=("auto", "explicit", "off"),
+                        help="multi-process setup (arjax.distributed; default env "
+                             "ARJAX_DISTRIBUTED or auto: joins a detected TPU pod / SLURM / "
+                             "MPI job, else one process)")
     args = parser.parse_args(list(argv))
     check(args.config in presets,
           f"unknown --config {args.config!r}; choose one of {sorted(presets)}")

@@ -228,4 +228,7 @@ def cli(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from arjax.distributed import initialize
+
+    initialize()  # joins a multi-process run first (no-op for one process)
     cli(sys.argv[1:])

@@ -279,4 +279,7 @@ def print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
+    from arjax.distributed import initialize
+
+    initialize()  # joins a multi-process run first (no-op for one process)
     main()

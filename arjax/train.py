@@ -10,6 +10,7 @@ TensorBoard scalars, a NaN guard and a progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from arjax import sharding
+from arjax import distributed, sharding
 from arjax.checkpoint import Checkpointer, StopSignal
 from arjax.writer import MetricWriter
 
@@ -39,6 +40,17 @@ class TrainState:
 
 class NonFiniteError(FloatingPointError):
     pass
+
+
+STOP_CHECK_EVERY = 10  # steps between the processes' stop agreements (one tiny all-gather)
+
+
+def stop_agreed(requested: bool, done: int) -> bool:
+    """Whether every process stops after step `done`: the local SIGTERM flag on one process;
+    on several, the OR over processes, polled every `STOP_CHECK_EVERY` steps."""
+    if jax.process_count() == 1:
+        return requested
+    return done % STOP_CHECK_EVERY == 0 and distributed.any_process(requested)
 
 
 def restore_or_init(init_fn: Callable[[], TrainState], mesh, rules: Sequence[sharding.Rule],
@@ -82,9 +94,12 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     step_fn = jax.jit(train_step, donate_argnums=0,
                       out_shardings=(shardings, sharding.replicated(mesh)))
     batches = make_batches(start)
-    bar = tqdm(total=steps, initial=start, desc=name, disable=not progress, dynamic_ncols=True)
-    t0, last_step = time.perf_counter(), start
-    with StopSignal() as stop:
+    bar = tqdm(total=steps, initial=start, desc=name, dynamic_ncols=True,
+               disable=not progress or not distributed.is_main())
+    say = bar.write if distributed.is_main() else (lambda message: None)
+    t0, last_step, stopping = time.perf_counter(), start, False
+    closing = contextlib.closing if hasattr(batches, "close") else contextlib.nullcontext
+    with StopSignal() as stop, closing(batches):  # closing stops the loader's workers
         for step in range(start, steps):
             state, metrics = step_fn(state, next(batches))
             done = step + 1
@@ -107,13 +122,14 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
                 history.append({"step": done, **results})
                 if writer:
                     writer.scalars(done, results)
-                bar.write(f"{name} step {done}: " + ", ".join(
+                say(f"{name} step {done}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in results.items()))
             bar.update(1)
-            if ckpt and (done % ckpt_every == 0 or done == steps or stop.requested):
+            stopping = stop_agreed(stop.requested, done)
+            if ckpt and (done % ckpt_every == 0 or done == steps or stopping):
                 ckpt.save(done, state, force=True)
-            if stop.requested:
-                bar.write(f"{name}: SIGTERM received, saved step {done}; exiting")
+            if stopping:
+                say(f"{name}: SIGTERM received, saved step {done}; exiting")
                 break
     bar.close()
     if ckpt:
@@ -121,7 +137,7 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
         ckpt.close()
     if writer:
         writer.close()
-    if stop.requested:
+    if stopping:
         raise SystemExit(143)
     return state, history
 

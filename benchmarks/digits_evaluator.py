@@ -24,4 +24,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from arjax.distributed import initialize
+
+    initialize()  # joins a multi-process run first (no-op for one process)
     main()

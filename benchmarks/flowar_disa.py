@@ -39,4 +39,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from arjax.distributed import initialize
+
+    initialize()  # joins a multi-process run first (no-op for one process)
     main()

@@ -19,7 +19,6 @@ again, into a new samples/<tag>/. model.token_dim comes from tokenizer.embed_dim
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 
@@ -33,15 +32,15 @@ from arjax import sharding
 from arjax.convert.flowar import load_flowar, load_kl
 from arjax.data import open_source
 from arjax.data.imagenet import steps_for_epochs
-from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
+from arjax.experiment.base import DIGITS_DATA, ExperimentConfig, imagenet_setup
 from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
     PlannedStage,
     StageConfig,
+    cached_codes,
     check_sampling,
     check_stages,
-    extract_codes,
     fingerprint,
     stage_weights,
 )
@@ -95,7 +94,7 @@ def imagenet(size: str) -> Config:
               "L": FlowSampleConfig(num_steps=25, cfg=2.4, guidance=0.9),
               "H": FlowSampleConfig(num_steps=50, cfg=2.4, guidance=0.7)}[size]
     return Config(
-        **IMAGENET_SAMPLING,
+        **imagenet_setup("flowar_crops"),
         tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
         model=flowar_config(size),
         flowar_train=StageConfig(
@@ -144,7 +143,8 @@ def make_flowar_loss(latent_scale: float):
 
 
 def estimate_scale(moments: np.ndarray) -> float:
-    """1 / std of the posterior means (LDM's scale_factor rule), for tokenizers trained here."""
+    """1 / std of the posterior means (LDM's scale_factor rule), for tokenizers trained here
+    (from the first 10,000 rows of the cache: all of digits)."""
     return float(1.0 / np.std(np.split(moments, 2, axis=-1)[0]))
 
 
@@ -181,13 +181,13 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     moments = None
     if not cfg.flowar_ckpt or not latent_scale:
         encode = jax.jit(lambda p, x: bind(vae_graphdef, p).moments(to_float(x)))
-        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data,
+        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data.content(),
                                split="train")
-        moments = extract_codes(lambda images: encode(vae_params, images), train_source,
-                                cfg.encode_batch,
-                                os.path.join(workdir, "moments_train.npz") if workdir else None,
-                                producer)
-        latent_scale = latent_scale or estimate_scale(moments.images)
+        moments = cached_codes(lambda images: encode(vae_params, images), train_source,
+                               workdir, "train", producer, cfg.encode_batch, mesh,
+                               progress=progress)
+        latent_scale = latent_scale or estimate_scale(
+            moments[np.arange(min(moments.num_examples, 10_000))]["codes"])
     summary["tokenizer/latent_scale"] = latent_scale
 
     model_fn = lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))

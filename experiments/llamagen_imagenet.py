@@ -25,7 +25,6 @@ Speculative / parallel decoding (see arjax/sampling/speculative.py), e.g. on dig
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 
@@ -40,15 +39,16 @@ from arjax import sharding
 from arjax.convert.llamagen import load_gpt, load_vq
 from arjax.data import open_source
 from arjax.data.imagenet import steps_for_epochs
-from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
+from arjax.experiment.base import DIGITS_DATA, ExperimentConfig, imagenet_setup
 from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
     PlannedStage,
     StageConfig,
+    cached_codes,
     check_sampling,
     check_stages,
-    extract_codes,
+    codes_dtype,
     fingerprint,
     stage_weights,
 )
@@ -108,7 +108,7 @@ def imagenet(size: str) -> Config:
     grad clip 1, no EMA: `--ema` is off in the README commands) and FID guidance (cfg 2.0
     for B/L, 1.75 for XL/XXL, 1.65 for 3B)."""
     return Config(
-        **IMAGENET_SAMPLING,
+        **imagenet_setup("center_flip"),
         tokenizer=VQ_16,
         tokenizer_train=StageConfig(steps=0),
         model=gpt_config(size),
@@ -220,10 +220,11 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     encode = lambda images: encode_fn(vq_params, images)
 
     def codes(split_: str):
-        producer = fingerprint(vq_params, tokenizer=cfg.tokenizer, data=cfg.data, split=split_)
-        path = os.path.join(workdir, f"codes_{split_}.npz") if workdir else None
-        return extract_codes(encode, open_source(cfg.data, split_), cfg.encode_batch, path,
-                             producer)
+        producer = fingerprint(vq_params, tokenizer=cfg.tokenizer, data=cfg.data.content(),
+                               split=split_)
+        return cached_codes(encode, open_source(cfg.data, split_), workdir, split_, producer,
+                            cfg.encode_batch, mesh, codes_dtype(cfg.tokenizer.codebook_size),
+                            progress)
 
     needs_codes = not cfg.gpt_ckpt or (uses_draft_model(cfg) and not cfg.draft_ckpt)
     train_codes = codes("train") if needs_codes else None

@@ -20,7 +20,6 @@ tokenizer.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 
@@ -35,15 +34,16 @@ from arjax import sharding
 from arjax.convert.var import load_vae, load_var
 from arjax.data import open_source
 from arjax.data.imagenet import steps_for_epochs
-from arjax.experiment.base import DIGITS_DATA, IMAGENET_SAMPLING, ExperimentConfig
+from arjax.experiment.base import DIGITS_DATA, ExperimentConfig, imagenet_setup
 from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
     PlannedStage,
     StageConfig,
+    cached_codes,
     check_sampling,
     check_stages,
-    extract_codes,
+    codes_dtype,
     fingerprint,
     stage_weights,
 )
@@ -100,7 +100,7 @@ def imagenet(depth: int) -> Config:
     lr = (1e-4 if depth <= 20 else 8e-5) * batch / 256
     steps = steps_for_epochs(epochs, batch)
     return Config(
-        **IMAGENET_SAMPLING,
+        **imagenet_setup("var_crops"),
         tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
         model=var_config(depth),
         var_train=StageConfig(
@@ -202,12 +202,11 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     def codes():
         encode = jax.jit(lambda p, x: jnp.concatenate(
             bind(vae_graphdef, p).encode(to_float(x)), axis=1))
-        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data,
+        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data.content(),
                                split="train")
-        return extract_codes(lambda images: encode(vae_params, images), train_source,
-                             cfg.encode_batch,
-                             os.path.join(workdir, "codes_train.npz") if workdir else None,
-                             producer)
+        return cached_codes(lambda images: encode(vae_params, images), train_source, workdir,
+                            "train", producer, cfg.encode_batch, mesh,
+                            codes_dtype(cfg.tokenizer.codebook_size), progress)
 
     quantizer = split(bind(vae_graphdef, vae_params).quantize)
     _, params = stage_weights(cfg, "var", model_fn, make_var_loss(quantizer), codes, mesh,

@@ -5,15 +5,17 @@ import json
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arjax import sharding
 from arjax.config import ConfigError, override
 from arjax.data.sources import ArraySource
 from arjax.experiment import outputs
 from arjax.experiment.cli import workdir_lock
-from arjax.experiment.pipeline import StageConfig, extract_codes, fingerprint
+from arjax.experiment.pipeline import StageConfig, cached_codes, fingerprint
 from experiments import flowar_imagenet, llamagen_imagenet, var_imagenet
 
 EXPERIMENTS = [llamagen_imagenet, var_imagenet, flowar_imagenet]
@@ -101,33 +103,35 @@ def test_second_run_on_a_work_dir_is_refused(tmp_path):
         pass
 
 
-def test_code_cache_is_rebuilt_when_its_producer_changes(tmp_path, capsys):
+def test_code_cache_is_named_by_its_producer(tmp_path, capsys):
     source = ArraySource(np.arange(10 * 4 * 4 * 3, dtype=np.uint8).reshape(10, 4, 4, 3),
                          np.arange(10) % 3, 3)
+    mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
     calls = []
 
     def encoder(offset):
         def encode(images):
-            calls.append(len(images))
-            return jnp.asarray(images[:, 0, 0, 0]).astype(jnp.int32)[:, None] + offset
+            calls.append(images.shape[0])
+            return images[:, 0, 0, :1].astype(jnp.int32) + offset
         return encode
 
-    path = str(tmp_path / "codes_train.npz")
     params = {"w": np.ones(3, np.float32)}
     first = fingerprint(params, tokenizer={"steps": 40})
-    a = extract_codes(encoder(0), source, 4, path, first)
-    assert calls == [4, 4, 2] and not [f for f in os.listdir(tmp_path) if "partial" in f]
-    b = extract_codes(encoder(0), source, 4, path, first)  # same producer: the cache
-    assert len(calls) == 3 and np.array_equal(a.images, b.images)
+    a = cached_codes(encoder(0), source, str(tmp_path), "train", first, 4, mesh,
+                     progress=False)
+    assert os.listdir(tmp_path / "codes") == [f"train-{first}"]
+    b = cached_codes(encoder(0), source, str(tmp_path), "train", first, 4, mesh,
+                     progress=False)  # complete: read, not extracted again
+    codes = a[np.arange(10)]["codes"]
+    assert len(calls) == 1 and np.array_equal(codes, b[np.arange(10)]["codes"])
+    assert np.array_equal(codes[:, 0], source.images[:, 0, 0, 0])
     trained_on = fingerprint({"w": np.ones(3, np.float32) * 1.01}, tokenizer={"steps": 40})
     assert trained_on != first and fingerprint(params, tokenizer={"steps": 50}) != first
-    c = extract_codes(encoder(1), source, 4, path, trained_on)  # tokenizer trained on
-    assert len(calls) == 6 and np.array_equal(c.images, a.images + 1)
-    assert "another tokenizer" in capsys.readouterr().out
-    with open(path, "r+b") as f:  # a truncated cache (killed mid-write by older code)
-        f.truncate(50)
-    d = extract_codes(encoder(1), source, 4, path, trained_on)
-    assert np.array_equal(d.images, c.images) and "unreadable" in capsys.readouterr().out
+    c = cached_codes(encoder(1), source, str(tmp_path), "train", trained_on, 4, mesh,
+                     progress=False)  # the tokenizer trained on: a new cache, the old removed
+    assert os.listdir(tmp_path / "codes") == [f"train-{trained_on}"]
+    assert np.array_equal(c[np.arange(10)]["codes"], codes + 1)
+    assert "superseded" in capsys.readouterr().out
 
 
 def test_reports_never_overwrite_each_other(tmp_path):

@@ -45,7 +45,9 @@ def test_digits_run(tmp_path):
     saved, arrays = check_report(tmp_path / "samples" / "step2", summary, 8, range(10))
     assert arrays["codes"].shape == (80, sum(p * p for p in patch))
     assert saved["config"]["model"]["patch_nums"] == list(patch)
-    for f in ("codes_train.npz", "tokenizer/ckpt/2", "var/ckpt/2"):
+    for f in ("tokenizer/ckpt/2", "var/ckpt/2"):
         assert os.path.exists(tmp_path / f), f
+    (cache,) = os.listdir(tmp_path / "codes")  # one complete cache of the train split
+    assert cache.startswith("train-") and (tmp_path / "codes" / cache / "manifest.json").exists()
     logs = [json.loads(line) for line in open(tmp_path / "var/tb/metrics.jsonl")]
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2]

@@ -64,7 +64,7 @@ def test_ema_equals_the_closed_form(warmup):
 
 
 class Codes(ArraySource):
-    def __getitem__(self, idx):
+    def get(self, idx, views):
         return {"codes": self.images[idx], "label": self.labels[idx]}
 
 

@@ -27,7 +27,7 @@ def gpt_loss(model, batch, key):
 
 
 class Codes(ArraySource):
-    def __getitem__(self, idx):
+    def get(self, idx, views):
         return {"codes": self.images[idx], "label": self.labels[idx]}
 
 

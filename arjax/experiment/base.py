@@ -9,7 +9,6 @@ from arjax.data import DataConfig
 from arjax.data.imagenet import IMAGE_SIZE, SHOWCASE_CLASSES
 
 DIGITS_DATA = DataConfig(name="digits", image_size=32)
-IMAGENET_DATA = DataConfig(name="imagenet2012", image_size=IMAGE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,4 +38,10 @@ class ExperimentConfig:
                 object.__setattr__(self, section, dataclasses.replace(sub, **{field: value}))
 
 
-IMAGENET_SAMPLING = dict(data=IMAGENET_DATA, sample_classes=SHOWCASE_CLASSES)
+def imagenet_setup(views: str) -> dict:
+    """The data and sample fields of an ImageNet preset: imagenet2012 at 256 px with the
+    family's official training views (`arjax.data.views`: flips, ten crops or 10 stored random
+    crops per image), 16 input workers, and the papers' showcase classes for the grid."""
+    return dict(data=DataConfig(name="imagenet2012", image_size=IMAGE_SIZE, views=views,
+                                crops=10, workers=16),
+                sample_classes=SHOWCASE_CLASSES)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from arjax import config as cfglib
+from arjax import distributed
 from arjax.errors import UserError
 from arjax.experiment.outputs import report
 
@@ -26,8 +27,9 @@ from arjax.experiment.outputs import report
 @contextlib.contextmanager
 def workdir_lock(workdir: str | None):
     """Holds `<workdir>/.lock` for the run: a second run on the same work dir fails at once
-    with a clear message instead of racing the first one's checkpoints."""
-    if workdir is None:
+    with a clear message instead of racing the first one's checkpoints. Process 0 holds it
+    for a multi-process run."""
+    if workdir is None or not distributed.is_main():
         yield
         return
     cfglib.check(not os.path.exists(workdir) or os.path.isdir(workdir),
@@ -71,11 +73,15 @@ def exit_on_user_error(main: Callable[[], object]) -> object:
 
 def cli(presets, run, argv: Sequence[str], doc: str, name: str) -> None:
     """`python -m experiments.<name> ...`: parses, runs `run(cfg, workdir, tag=...)` and prints
-    the summary."""
+    the summary. `distributed.initialize(--distributed)` runs first, before any device is
+    touched."""
     def main():
         cfg, args = cfglib.from_argv(presets, argv, doc)
+        distributed.initialize(args.distributed)
         workdir = args.workdir or f"runs/{name}_{args.config}"
         summary = run(cfg, workdir, tag=args.tag)
+        if not distributed.is_main():
+            return
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, np.ndarray)},
                          indent=1, default=str))
         print(f"samples: {summary['report_dir']}/samples.png (one row per class)")

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from arjax import config as cfglib
+from arjax import distributed
 from arjax.images import save_grid
 from arjax.writer import MetricWriter
 
@@ -101,7 +102,8 @@ def report(generate, params, cfg, workdir: str | None, summary: dict, step: int,
     """Scores the model (digits) and samples `cfg.samples_per_class` images of each of
     `cfg.sample_classes` (timed after a compiling call), records the sampler's stats under
     `sample/` and, with a work dir, saves everything to a new `samples/<tag>/`. Returns the
-    summary with the images, labels and the report folder."""
+    summary with the images, labels and the report folder (process 0 writes it; call on
+    every process)."""
     summary = dict(summary)
     if score:
         summary.update({f"eval/{k}": v for k, v in score(params).items()})
@@ -110,7 +112,7 @@ def report(generate, params, cfg, workdir: str | None, summary: dict, step: int,
     generated = generate(params, labels, jax.random.key(cfg.seed))
     summary.update({"sample/images": len(labels),
                     **{f"sample/{k}": v for k, v in generated.stats.items()}})
-    if workdir:
+    if workdir and distributed.is_main():
         outdir = report_dir(workdir, tag or f"step{step}")
         save_samples(outdir, generated, labels, cfg.samples_per_class, step, summary, cfg)
         summary["report_dir"] = outdir

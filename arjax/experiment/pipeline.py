@@ -1,30 +1,33 @@
 """Pipeline pieces every experiment shares: training stages, early checks, cached codes.
 
 A stage is one model trained by the shared `fit` loop in its own `<workdir>/<name>` folder
-(checkpoints, TensorBoard, resume); code extraction tokenizes a split once and caches it, as
-LlamaGen's extract_codes and VAR's pre-tokenisation do. A cache records what produced it (the
-tokenizer's parameters, the data, the encoder) and is rebuilt when that changes.
+(checkpoints, TensorBoard, resume); code extraction tokenizes a split once (every view of
+every image: the family's flips / crops) into a sharded cache, as LlamaGen's extract_codes
+and MAR's cache do. A cache is named by what produced it (the tokenizer's parameters, the
+data and its views) and is extracted anew when that changes.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import glob
 import hashlib
 import json
 import os
-import zipfile
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from arjax import config as cfglib
-from arjax import sharding
-from arjax.data import Batches
-from arjax.data.sources import ArraySource
+from arjax import distributed, sharding
+from arjax.data import Batches, cache
+from arjax.data.cache import CodeStore
 from arjax.experiment.outputs import training_summary
 from arjax.models import split
 from arjax.optim import OptimConfig, make_optimizer
@@ -77,17 +80,20 @@ def sampling_weights(state, stage: StageConfig):
 
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
                 workdir, progress=True, evaluate=None,
-                rules: tuple[sharding.Rule, ...] = sharding.DEFAULT_RULES):
+                rules: tuple[sharding.Rule, ...] = sharding.DEFAULT_RULES,
+                workers: int = 0, prefetch: int = 2):
     """Trains one stage (or resumes / loads it when complete); returns (graphdef, weights,
     logged history, earlier runs' rows included). `evaluate(weights) -> {name: value}` and the
-    returned weights are the EMA's when the stage keeps one (`sampling_weights`)."""
+    returned weights are the EMA's when the stage keeps one (`sampling_weights`). `workers`
+    and `prefetch` configure the input pipeline (`Batches`)."""
     graphdef, _ = split(nnx.eval_shape(module_fn))
     tx = make_optimizer(stage.optim)
     state, history = fit(
         name=name,
         init_fn=lambda: init_state(split(module_fn())[1], tx, seed, ema=stage.ema_decay > 0),
         train_step=make_train_step(graphdef, loss_fn, tx, stage.ema_decay, stage.ema_warmup),
-        make_batches=lambda start: Batches(source, stage.batch_size, seed, mesh, start),
+        make_batches=lambda start: Batches(source, stage.batch_size, seed, mesh, start,
+                                           workers, prefetch),
         steps=stage.steps, mesh=mesh, workdir=workdir, rules=rules,
         log_every=stage.log_every, ckpt_every=stage.ckpt_every,
         evaluate=(lambda st: evaluate(sampling_weights(st, stage))) if evaluate else None,
@@ -107,7 +113,7 @@ def stage_weights(cfg, name: str, module_fn, loss_fn, data, mesh, workdir, progr
         return split(nnx.eval_shape(module_fn))[0], sharding.place(load(path), mesh, rules)
     graphdef, weights, history = train_stage(
         name, module_fn, loss_fn, getattr(cfg, f"{name}_train"), data(), cfg.seed, mesh,
-        workdir, progress, evaluate, rules)
+        workdir, progress, evaluate, rules, cfg.data.workers, cfg.data.prefetch)
     summary.update(training_summary(name, history))
     return graphdef, weights
 
@@ -142,53 +148,38 @@ def check_sampling(cfg, num_classes: int, mesh) -> None:
                              "eval_samples_per_class * model.num_classes")
 
 
-class CodesSource(ArraySource):
-    """Pre-extracted codes: rows are {"codes": int32 [L] (or float moments), "label"}."""
-
-    def __getitem__(self, indices):
-        return {"codes": self.images[indices], "label": self.labels[indices]}
-
-
 def fingerprint(params, **producer) -> str:
     """A hash of everything that determines a split's codes: the tokenizer's parameters
     (bytes) and the JSON-able `producer` facts (tokenizer config, data config, split...)."""
     digest = hashlib.sha256(json.dumps(producer, sort_keys=True, default=str).encode())
-    for leaf in jax.tree.leaves(jax.device_get(params)):
+    for leaf in jax.tree.leaves(distributed.gather_tree(params)):
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return digest.hexdigest()[:16]
 
 
-def _read_cache(path: str, expected: str) -> CodesSource | None:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["fingerprint"]) != expected:
-                print(f"{path} was extracted by another tokenizer or data config: re-extracting")
-                return None
-            return CodesSource(data["codes"], data["label"], int(data["num_classes"]))
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        print(f"{path} is unreadable ({type(e).__name__}): re-extracting")
-        return None
+def cached_codes(encode, source, workdir: str | None, name: str, producer: str, batch: int,
+                 mesh, dtype=None, progress: bool = True) -> CodeStore:
+    """The codes of `source` (every view of every row) from the cache
+    `<workdir>/codes/<name>-<producer>/`, extracted (or resumed) first if incomplete
+    (`arjax.data.cache.extract`). The directory is named by the producer's fingerprint, so a
+    tokenizer that trained on gets a new cache; the superseded caches of `name` are deleted
+    once the new one is complete. Without a work dir the cache lives in a temporary folder."""
+    if workdir is None:
+        root = tempfile.mkdtemp(prefix="arjax-codes-")
+        atexit.register(shutil.rmtree, root, True)
+    else:
+        root = os.path.join(workdir, "codes")
+    path = os.path.join(root, f"{name}-{producer}")
+    store = cache.extract(encode, source, path, producer, batch, mesh, dtype,
+                          progress=progress)
+    if distributed.is_main():
+        for stale in glob.glob(os.path.join(root, f"{name}-*")):
+            if stale != path:
+                print(f"removing the superseded code cache {stale}")
+                shutil.rmtree(stale, ignore_errors=True)
+    return store
 
 
-def extract_codes(encode, source, batch: int, cache_path: str | None,
-                  producer: str) -> CodesSource:
-    """Tokenizes a whole split once with `encode(uint8 images) -> codes [B, ...]` (jitted by
-    the caller; int codes, or a KL-VAE's float posterior moments). With `cache_path` the codes
-    are cached as .npz (written atomically) under the `producer` fingerprint, and reused only
-    while it matches."""
-    if cache_path and os.path.exists(cache_path):
-        cached = _read_cache(cache_path, producer)
-        if cached is not None:
-            return cached
-    codes, labels = [], []
-    for start in tqdm(range(0, source.num_examples, batch), desc="extract codes"):
-        rows = source[np.arange(start, min(start + batch, source.num_examples))]
-        codes.append(np.asarray(jax.device_get(encode(rows["image"]))))
-        labels.append(rows["label"])
-    codes, labels = np.concatenate(codes), np.concatenate(labels)
-    if cache_path:
-        partial = f"{cache_path}.partial.npz"
-        np.savez(partial, codes=codes, label=labels, num_classes=source.num_classes,
-                 fingerprint=producer)
-        os.replace(partial, cache_path)
-    return CodesSource(codes, labels, source.num_classes)
+def codes_dtype(vocab_size: int):
+    """uint16 storage for token ids when the vocabulary fits (half of int32's bytes)."""
+    return np.uint16 if vocab_size <= 2**16 else np.int32

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from arjax import sharding
+from arjax import distributed, sharding
 from arjax.images import to_uint8
 
 
@@ -41,7 +41,8 @@ def make_generator(sample_fn: Callable[[Any, Any, jax.Array, jax.Array], Samples
     and the stats replicated; returns `generate(params, labels, key) -> Generated`. `fixed` are
     the arrays every call shares (the tokenizer's parameters, a draft model's): passed as jit
     arguments, never baked in as constants. The first call for a batch size compiles (time it
-    with a second call)."""
+    with a second call). Images and aux are gathered onto every process (call `generate` on
+    all of them)."""
     batch = sharding.batch_sharding(mesh)
     shardings = Samples(images=batch, aux=batch, stats=sharding.replicated(mesh))
     sampler = jax.jit(sample_fn, out_shardings=shardings)
@@ -53,8 +54,8 @@ def make_generator(sample_fn: Callable[[Any, Any, jax.Array, jax.Array], Samples
         jax.block_until_ready(out)
         seconds = time.perf_counter() - t0
         stats = {k: v.item() for k, v in jax.device_get(out.stats).items()}
-        return Generated(to_uint8(np.asarray(out.images)),
-                         {k: np.asarray(v) for k, v in out.aux.items()},
+        return Generated(to_uint8(distributed.gather(out.images)),
+                         {k: distributed.gather(v) for k, v in out.aux.items()},
                          {**stats, "seconds": seconds})
 
     return generate
