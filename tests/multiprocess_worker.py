@@ -3,6 +3,7 @@ stage with the experiments' own `train_stage` on digits-like codes and writes it
 (gathered) final parameters to <out>/process-<i>.npz.
 
     python tests/multiprocess_worker.py OUT WORKDIR STEPS [--sleep S] [--die-at N]
+    python tests/multiprocess_worker.py OUT CACHE 0 --extract   # a code cache instead
 
 The process layout comes from the environment (`arjax.distributed.initialize`):
 ARJAX_DISTRIBUTED=explicit with ARJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID and
@@ -42,6 +43,20 @@ def loss(model, batch, key):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["codes"]).mean(), {}
 
 
+def extract(path):
+    """Every view of 37 digits-like images (x and its mirror), encoded over all devices."""
+    import jax.numpy as jnp
+
+    from arjax.data import cache
+
+    rng = np.random.default_rng(2)
+    source = ArraySource(rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8),
+                         np.arange(37) % 5, 5, views="center_flip")
+    encode = lambda x: x.astype(jnp.int32).reshape(x.shape[0], -1, 3).sum(1)
+    cache.extract(encode, source, path, "fp", 8, sharding.make_mesh((("data", -1),)),
+                  np.uint16, shard_rows=6, progress=False)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -49,7 +64,10 @@ def main():
     parser.add_argument("steps", type=int)
     parser.add_argument("--sleep", type=float, default=0.0)  # per step, to be signalled
     parser.add_argument("--die-at", type=int, default=0)  # hard kill every process here
+    parser.add_argument("--extract", action="store_true")
     args = parser.parse_args()
+    if args.extract:
+        return extract(args.workdir)
     cfg = RasterARConfig(vocab_size=16, grid=3, num_classes=4, dim=32, depth=2, heads=2,
                          multiple_of=8, dropout=0.1, label_drop=0.2)
     data = Codes(np.random.default_rng(0).integers(0, 16, (96, 9)),

@@ -107,6 +107,18 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     assert (out / "step-0").read_text() == (out / "step-1").read_text() == str(stopped)
 
 
+@pytest.mark.slow
+def test_two_processes_extract_the_same_cache_as_one(tmp_path):
+    for n in (1, 2):
+        codes = finish(start(n, tmp_path / f"out{n}", tmp_path / f"cache{n}", 0, "--extract"))
+        assert codes == [0] * n
+    files = sorted(os.listdir(tmp_path / "cache1"))
+    assert "manifest.json" in files and sorted(os.listdir(tmp_path / "cache2")) == files
+    for f in files:
+        if f.endswith(".npy"):  # shard k written by process k % 2, same bytes
+            assert (tmp_path / "cache1" / f).read_bytes() == (tmp_path / "cache2" / f).read_bytes()
+
+
 def test_unreachable_coordinator_is_one_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(ARJAX_DISTRIBUTED="explicit", ARJAX_COORDINATOR=f"localhost:{free_port()}",

@@ -1,3 +1,5 @@
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,5 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
         value = int(img[8, 8, 0])
         assert value % 20 == 0 and (value // 20) % 3 == label
         assert np.all(img[:, 2:] == value)  # border cropped away
+    copy = pickle.loads(pickle.dumps(source))  # what a grain worker process receives
+    np.testing.assert_array_equal(copy[np.array([5, 7])]["image"], rows["image"][1:])

@@ -209,9 +209,20 @@ class TFDSSource(ViewSource):
             self._prepare(builder, cfg)
         check(split in builder.info.splits,
               f"{cfg.name} has splits {list(builder.info.splits)}, not {split!r}")
+        self._location = (str(builder.data_path), split)
         self._source = builder.as_data_source(split=split)
         self.num_examples = len(self._source)
         self.num_classes = builder.info.features["label"].num_classes
+
+    def __getstate__(self):  # grain workers reopen the prepared files, not the builder class
+        return {**self.__dict__, "_source": None}
+
+    def __setstate__(self, state):
+        import tensorflow_datasets as tfds
+
+        self.__dict__.update(state)
+        path, split = self._location
+        self._source = tfds.builder_from_directory(path).as_data_source(split=split)
 
     @staticmethod
     def _prepare(builder, cfg: DataConfig) -> None:
