@@ -146,7 +146,7 @@ def inception_features(images, weights: str | None = None, batch: int = 64,
         chunk = np.asarray(images[start:start + batch])
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
                                                  chunk.dtype)])  # static shape: one compile
-        result = fn(params, sharding.to_global(padded, mesh))
+        result = fn(params, sharding.from_host(padded, mesh))
         for k in out:
             out[k].append(np.asarray(result[k])[:len(chunk)])
     return {k: np.concatenate(v) for k, v in out.items()}

@@ -140,6 +140,14 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
           f"of the mesh {dict(mesh.shape)}; use e.g. {what}={max(n, batch_size // n * n or n)}")
 
 
+def from_host(batch: Any, mesh: Mesh) -> Any:
+    """A numpy batch every process holds whole (labels to sample, images to score) -> global
+    jax.Arrays sharded on the batch; each process uploads only the rows its devices hold."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(
+        np.shape(x), sharding, lambda index: np.asarray(x)[index]), batch)
+
+
 def to_global(local_batch: Any, mesh: Mesh) -> Any:
     """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded on the batch."""
     sharding = batch_sharding(mesh)

@@ -91,7 +91,22 @@ def main():
         args.workdir, progress=False, rules=rules)
     leaves = {f"arr_{i}": distributed.gather(x) for i, x in enumerate(jax.tree.leaves(weights))}
     np.savez(os.path.join(args.out, f"process-{jax.process_index()}.npz"),
-             losses=[h["train/loss"] for h in history if "train/loss" in h], **leaves)
+             losses=[h["train/loss"] for h in history if "train/loss" in h],
+             sampled=sample_labels(mesh), **leaves)
+
+
+def sample_labels(mesh):
+    """The generator contract across processes: labels in, per-sample arrays gathered out."""
+    import jax.numpy as jnp
+
+    from arjax.sampling.generator import Samples, make_generator
+
+    fn = lambda p, f, key, labels: Samples(
+        images=jnp.zeros((labels.shape[0], 2, 2, 3)) + labels[:, None, None, None] / 10,
+        aux={"label": labels}, stats={"n": jnp.float32(labels.shape[0])})
+    out = make_generator(fn, mesh)(None, np.arange(16, dtype=np.int32) % 5, jax.random.key(0))
+    assert out.stats["n"] == 16 and out.images.shape == (16, 2, 2, 3)
+    return out.aux["label"]
 
 
 if __name__ == "__main__":

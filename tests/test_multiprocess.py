@@ -64,7 +64,7 @@ def run(processes, out, workdir, steps, *extra, expect=0):
 def same_run(a: dict, b: dict, rtol=1e-5):
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=rtol)
     for k in a:
-        if k.startswith("arr_"):
+        if k.startswith("arr_"):  # the trained weights
             np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6)
 
 
@@ -75,6 +75,8 @@ def test_two_processes_train_like_one(tmp_path):
     assert len(one["losses"]) == 6
     same_run(one, two[0])
     same_run(two[0], two[1], rtol=0)  # every process holds the same gathered weights
+    for run_ in (one, *two):  # samples of the whole batch, gathered onto every process
+        np.testing.assert_array_equal(run_["sampled"], np.arange(16) % 5)
     # Process 0 alone wrote the logs; both wrote their checkpoint shards.
     assert len(open(tmp_path / "w2" / "gpt" / "tb" / "metrics.jsonl").readlines()) == 6
     assert sorted(os.listdir(tmp_path / "w2" / "gpt" / "ckpt")) == ["3", "6"]

@@ -101,22 +101,23 @@ class Batches:
                 num_workers=self.workers, per_worker_buffer_size=self.prefetch))
         return iter(ds)
 
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                return self._queue.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
     def _fill(self) -> None:
         it = None
         try:
             it = self._host_batches()
             while not self._stop.is_set():
-                batch = jax.tree.map(
+                self._put(jax.tree.map(
                     lambda x: jax.make_array_from_process_local_data(self._sharding, x),
-                    next(it))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                    next(it)))
         except BaseException as e:  # handed to the training thread, raised by __next__
-            self._queue.put(e)
+            self._put(e)
         finally:
             if it is not None and hasattr(it, "close"):
                 it.close()

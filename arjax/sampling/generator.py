@@ -50,7 +50,7 @@ def make_generator(sample_fn: Callable[[Any, Any, jax.Array, jax.Array], Samples
     def generate(params, labels: np.ndarray, key: jax.Array) -> Generated:
         t0 = time.perf_counter()
         out = sampler(params, fixed, key,
-                      sharding.to_global(np.asarray(labels, np.int32), mesh))
+                      sharding.from_host(np.asarray(labels, np.int32), mesh))
         jax.block_until_ready(out)
         seconds = time.perf_counter() - t0
         stats = {k: v.item() for k, v in jax.device_get(out.stats).items()}
