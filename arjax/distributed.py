@@ -29,9 +29,10 @@ import numpy as np
 from arjax.errors import UserError
 
 MODES = ("auto", "explicit", "off")
-CLUSTER_MARKERS = ("SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                   "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
-                   "JAX_COORDINATOR_ADDRESS")
+# TPU hosts are recognised by their devices, not by TPU_WORKER_HOSTNAMES (libtpu itself sets
+# that to a warning text off a TPU VM).
+CLUSTER_MARKERS = ("SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE",
+                   "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 
 
 class DistributedError(UserError, RuntimeError):

@@ -122,25 +122,17 @@ def abstract_step(stage, mesh, rules, per_device_batch: int):
     """(jitted train step, abstract sharded state, abstract sharded batch): nothing is
     allocated."""
     import jax
-    from flax import nnx
 
     from arjax import sharding
-    from arjax.models import split
-    from arjax.optim import make_optimizer
-    from arjax.train import init_state, make_train_step
+    from arjax.experiment.pipeline import stage_program
 
-    cfg = stage.stage
-    tx = make_optimizer(cfg.optim)
-    graphdef = split(nnx.eval_shape(stage.module_fn))[0]
-    state, shardings = sharding.abstract_sharded(
-        lambda: init_state(split(stage.module_fn())[1], tx, 0, ema=cfg.ema_decay > 0), mesh,
-        rules)
+    init_fn, train_step = stage_program(stage.module_fn, stage.loss_fn, stage.stage)
+    state, shardings = sharding.abstract_sharded(init_fn, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)
     global_batch = per_device_batch * sharding.data_parallel_size(mesh)
     batch = {k: jax.ShapeDtypeStruct((global_batch, *v.shape), v.dtype, sharding=batch_sharding)
              for k, v in stage.example.items()}
-    step = jax.jit(make_train_step(graphdef, stage.loss_fn, tx, cfg.ema_decay, cfg.ema_warmup),
-                   in_shardings=(shardings, batch_sharding),
+    step = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     return step, state, batch
 

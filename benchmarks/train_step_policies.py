@@ -49,10 +49,8 @@ def time_model(name: str, batch: int, rounds: int, steps: int) -> list[dict]:
 
     from arjax import config as cfglib
     from arjax import sharding
-    from arjax.models import split
-    from arjax.optim import make_optimizer
+    from arjax.experiment.pipeline import stage_program
     from arjax.plan import abstract_step
-    from arjax.train import init_state
 
     module, preset = PRESETS[name]
     exp = importlib.import_module(f"experiments.{module}")
@@ -67,9 +65,7 @@ def time_model(name: str, batch: int, rounds: int, steps: int) -> list[dict]:
         steps_by_policy[(dtype, remat)] = step.lower(state_spec, batch_spec).compile()
         compile_s[(dtype, remat)] = time.perf_counter() - t0
     stage = exp.plan_stage(base)
-    tx = make_optimizer(stage.stage.optim)
-    state = jax.jit(lambda: init_state(split(stage.module_fn())[1], tx, 0,
-                                       ema=stage.stage.ema_decay > 0))()
+    state = jax.jit(stage_program(stage.module_fn, stage.loss_fn, stage.stage)[0])()
     vocab = getattr(stage.model_cfg, "vocab_size", 2)
     data = random_batch(stage.example, batch, vocab)
     times = {p: [] for p in POLICIES}

@@ -132,3 +132,22 @@ def test_unreachable_coordinator_is_one_clear_error():
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith("error: could not reach the coordinator localhost:")
     assert "Traceback" not in out.stderr
+
+
+def test_initialize_modes_and_their_errors(monkeypatch):
+    from arjax import distributed
+
+    for var in (*distributed.CLUSTER_MARKERS, "ARJAX_COORDINATOR", "ARJAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine")  # libtpu's
+    assert not distributed.cluster_detected()
+    distributed.initialize("auto")  # a plain single process: nothing to join
+    distributed.initialize("off")
+    assert not __import__("jax").distributed.is_initialized()
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-4]")
+    assert distributed.cluster_detected()
+    with pytest.raises(distributed.DistributedError, match="must be one of"):
+        distributed.initialize("sometimes")
+    with pytest.raises(distributed.DistributedError, match="ARJAX_COORDINATOR"):
+        distributed.initialize("explicit")

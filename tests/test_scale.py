@@ -246,7 +246,7 @@ SLOW = pytest.mark.slow  # > 25 s on 2 cores (compilation): make test-all
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n in ("kl", "flowar", "msvq",
-                                                                      "var") else n
+                                                                      "var", "vq") else n
                                   for n in sorted(FAMILIES)])
 def test_bfloat16_forward_is_close_to_float32(name):
     """Same float32 weights, compute in bfloat16: outputs within 2 % (relative l2) of the
@@ -271,7 +271,8 @@ def test_param_dtype_sets_storage(name):
 
 
 @pytest.mark.parametrize("name,policy", [
-    ("gpt", "full"), ("var", "full"), pytest.param("flowar", "full", marks=SLOW),
+    ("gpt", "full"), pytest.param("var", "full", marks=SLOW),
+    pytest.param("flowar", "full", marks=SLOW),
     *[pytest.param(n, "dots", marks=SLOW) for n in sorted(GENERATORS)]])
 def test_remat_leaves_gradients_unchanged(name, policy):
     """Equal up to float32 rounding (the recomputed forward may fuse differently)."""

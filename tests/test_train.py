@@ -105,6 +105,7 @@ def test_corrupt_only_checkpoint_gives_one_clear_error(tmp_path, devices):
     assert "\n" not in str(error.value) and error.value.__cause__ is None
 
 
+@pytest.mark.slow  # 37 s on 2 cores: make test-all
 def test_corrupt_latest_checkpoint_resumes_from_newest_intact(tmp_path, devices, capfd):
     """A crash in a save leaves the newest step unreadable: resume from the previous one
     (keep-N kept it), say so once, and log no step twice."""
