@@ -88,7 +88,9 @@ def imagenet(size: str) -> Config:
     """Official recipe (global batch 2048, lr = 5e-5 * 2048 / 256 = 4e-4, AdamW(0.9, 0.95),
     wd 0.02, grad clip 3, 100 warmup epochs + cosine, 400 epochs, EMA 0.9999 from a copy of
     the weights, no warm-up, sampled with the EMA) and sampling protocol
-    (S: 25 steps cfg 4.3; L: 25 steps cfg 2.4; H: 50 steps cfg 2.4 guidance 0.7)."""
+    (S: 25 steps cfg 4.3; L: 25 steps cfg 2.4; H: 50 steps cfg 2.4 guidance 0.7). Data:
+    resize 288 (bilinear) + random 256 crop + flip, as 10 stored (crop, flip) pairs per image
+    (`flowar_crops`; the official code encodes online)."""
     batch = 2048
     sample = {"S": FlowSampleConfig(num_steps=25, cfg=4.3, guidance=0.9),
               "L": FlowSampleConfig(num_steps=25, cfg=2.4, guidance=0.9),

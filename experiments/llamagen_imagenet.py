@@ -106,7 +106,9 @@ def imagenet(size: str) -> Config:
     """LlamaGen c2i at 256 px: VQ-16 (official weights) + GPT-`size`, official recipe
     (300 epochs at batch 256, AdamW(0.9, 0.95), constant lr 1e-4 without warm-up, wd 0.05,
     grad clip 1, no EMA: `--ema` is off in the README commands) and FID guidance (cfg 2.0
-    for B/L, 1.75 for XL/XXL, 1.65 for 3B)."""
+    for B/L, 1.75 for XL/XXL, 1.65 for 3B). Data: codes of the ADM centre crop and its
+    mirror, one drawn per sample (extract_codes_c2i; `--set data.views=ten_crop` for the
+    README's ten-crop recipe)."""
     return Config(
         **imagenet_setup("center_flip"),
         tokenizer=VQ_16,

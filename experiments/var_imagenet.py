@@ -93,8 +93,9 @@ def imagenet(depth: int) -> Config:
     (0.9, 0.95), grad clip 2, the `lin0` schedule (warm-up ep/50 epochs from 0.005 x lr, hold
     5 %, linear to wpe x lr: wpe 0.1 for d16/d20, 0.01 for d24/d30), weight decay 0.05
     (d30: cosine to 0.08, `--twde=0.08`), no EMA; and the FID sampling protocol (official
-    cfg 1.5 = weight 2.5 at the last scale, top-k 900, top-p 0.96). The tokenizer is trained
-    here."""
+    cfg 1.5 = weight 2.5 at the last scale, top-k 900, top-p 0.96). Data: Lanczos resize to
+    1.125 x 256 + random 256 crop, no flip, as 10 stored crops per image (`var_crops`; the
+    official code encodes a fresh crop online). The tokenizer is trained here."""
     batch = 1024 if depth >= 30 else 768
     epochs = {16: 200, 20: 250, 24: 350, 30: 350}[depth]
     lr = (1e-4 if depth <= 20 else 8e-5) * batch / 256

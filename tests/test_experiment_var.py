@@ -29,6 +29,9 @@ SMOKE = override(exp.DIGITS, [
     (["model.patch_nums=[1,2,4,8]"], "derived from tokenizer.patch_nums"),
     (["tokenizer.patch_nums=[1,2,4]"], "latent side"),
     (["var_ckpt=/nonexistent/var_d16.pth"], "does not exist"),
+    (["data.views=random"], "data.views must be one of"),
+    (["data.views=var_crops", "data.crops=0"], "data.crops must be >= 1"),
+    (["data.workers=-1"], "data.workers must be >= 0"),
 ])
 def test_bad_input_fails_before_compilation(overrides, match, no_compilation, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -51,3 +54,16 @@ def test_digits_run(tmp_path):
     assert cache.startswith("train-") and (tmp_path / "codes" / cache / "manifest.json").exists()
     logs = [json.loads(line) for line in open(tmp_path / "var/tb/metrics.jsonl")]
     assert [r["step"] for r in logs if "train/loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_official_views_and_grain_workers_end_to_end(tmp_path):
+    """VAR's recipe (stored random crops) through tokenizer training, extraction and VAR
+    training, with the batches loaded by a grain worker process."""
+    cfg = override(SMOKE, ["data.views=var_crops", "data.crops=2", "data.workers=1",
+                           "sample_classes=[0,1,2,3]", "samples_per_class=2"])
+    summary = exp.run(cfg, str(tmp_path), progress=False)
+    assert summary["images"].shape == (8, 32, 32, 3) and summary["var/final_loss"] > 0
+    (cache,) = os.listdir(tmp_path / "codes")
+    manifest = json.load(open(tmp_path / "codes" / cache / "manifest.json"))
+    assert manifest["views"] == 2 and manifest["num_examples"] == 1500
