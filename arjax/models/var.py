@@ -23,7 +23,13 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.policy import check_policy, dtypes, float32, remat
-from arjax.nn.scales import attend_scale, block_causal_mask, init_scale_cache, scale_levels
+from arjax.nn.scales import (
+    attend_scale,
+    block_causal_mask,
+    chunk_mask,
+    init_scale_cache,
+    scale_levels,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +133,9 @@ class SelfAttention(nnx.Module):
         q, k, v = self.qkv(x)
         return self.proj(attend(q, k, v, mask, self.scale()).reshape(x.shape))
 
-    def decode(self, x, cache, begin: int, end: int):
-        """One scale's tokens (positions begin..end-1, static) against the cache."""
-        out, cache = attend_scale(*self.qkv(x), cache, begin, end, self.scale())
+    def decode(self, x, cache, begin: int, end: int, mask=None):
+        """Whole scales' tokens (positions begin..end-1, static) against the cache."""
+        out, cache = attend_scale(*self.qkv(x), cache, begin, end, self.scale(), mask)
         return self.proj(out.reshape(x.shape)), cache
 
 
@@ -183,8 +189,8 @@ class AdaLNBlock(nnx.Module):
     def __call__(self, x, cond, mask, drop=None):
         return self._residual(x, cond, lambda h: (self.attn(h, mask), None), drop)[0]
 
-    def decode(self, x, cond, cache, begin: int, end: int):
-        return self._residual(x, cond, lambda h: self.attn.decode(h, cache, begin, end))
+    def decode(self, x, cond, cache, begin: int, end: int, mask=None):
+        return self._residual(x, cond, lambda h: self.attn.decode(h, cache, begin, end, mask))
 
 
 class HeadNorm(nnx.Module):
@@ -270,9 +276,11 @@ class VAR(nnx.Module):
                                 cfg.depth, jnp.dtype(cfg.dtype))
 
     def decode_scale(self, x, cond, block_cond, cache, begin: int):
-        """One scale's embedded tokens x [B, n, C] -> (logits [B, n, V], cache)."""
+        """Embedded tokens x [B, n, C] of one scale, or of several whole scales in one
+        block-causal pass (a prefill, as CoDe's refiner does) -> (logits [B, n, V], cache)."""
         end, new_cache = begin + x.shape[1], []
+        mask = chunk_mask(self.cfg.patch_nums, begin, end)
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.decode(x, block_cond, layer_cache, begin, end)
+            x, layer_cache = block.decode(x, block_cond, layer_cache, begin, end, mask)
             new_cache.append(layer_cache)
         return self.logits(x, cond), new_cache

@@ -36,10 +36,22 @@ def init_scale_cache(batch: int, heads: int, length: int, head_dim: int, layers:
 
 
 def attend_scale(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, begin: int, end: int,
-                 scale: float | None = None) -> tuple[jax.Array, dict]:
-    """One scale's q [B, n, H, d] and k/v [B, H, n, d] (positions begin..end - 1, static)
-    written into the cache and attended against every position < end: exactly the
-    block-causal teacher-forced attention of those positions."""
+                 scale: float | None = None, mask: np.ndarray | None = None
+                 ) -> tuple[jax.Array, dict]:
+    """The q [B, n, H, d] and k/v [B, H, n, d] of positions begin..end - 1 (static) written
+    into the cache and attended against every position < end: exactly the block-causal
+    teacher-forced attention of those positions. One scale needs no mask; a span of several
+    whole scales (a prefill) passes `chunk_mask(sides, begin, end)`."""
     cache = {"k": cache["k"].at[:, :, begin:end].set(k),
              "v": cache["v"].at[:, :, begin:end].set(v)}
-    return attend(q, cache["k"][:, :, :end], cache["v"][:, :, :end], None, scale), cache
+    return attend(q, cache["k"][:, :, :end], cache["v"][:, :, :end],
+                  None if mask is None else jnp.asarray(mask), scale), cache
+
+
+def chunk_mask(sides, begin: int, end: int) -> np.ndarray | None:
+    """The block-causal mask of positions begin..end - 1 against 0..end - 1, or None when they
+    are one scale (all of 0..end - 1 visible)."""
+    levels = scale_levels(sides)
+    if levels[begin] == levels[end - 1]:
+        return None
+    return block_causal_mask(sides)[begin:end, :end]

@@ -9,11 +9,17 @@ codes update f_hat through the tokenizer's Phi, and f_hat area-downsampled to th
 the next input. With `smooth` (the official `more_smooth`, for visualisation) f_hat takes a
 Gumbel-softmax mixture of code vectors instead of the hard codes. The scale loop is unrolled
 (10 static shapes), so the whole sampler, decoder included, is one jitted function.
+
+CoDe (`sample_collaborative`, arXiv 2411.17787) splits the scales between a large drafter
+(scales 0..N-1) and a small refiner that prefills its own cache with one block-causal pass
+over the drafter's next-scale inputs, then finishes; per-scale top-k and temperature (with
+CoDe's temperature-after-filter order as an option) apply to both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,52 +38,137 @@ class VARSampleConfig:
     top_k: int = 900  # 0 = off
     top_p: float = 0.96  # 1 = off
     smooth: bool = False  # Gumbel-softmax code mixture (more_smooth; not for FID)
+    top_k_per_scale: tuple[int, ...] = ()  # one top-k per scale instead of `top_k`
+    temperature: tuple[float, ...] = ()  # one per scale; () = 1 (CoDe: [1.1] * 7 + [1.0] * 3)
+    temperature_after_filter: bool = False  # CoDe's order: top-k/top-p first, then divide
 
-    def validate(self, vocab_size: int) -> None:
+    def validate(self, vocab_size: int, scales: int | None = None) -> None:
         check_guidance(self.cfg, self.cfg_schedule)
-        check(0 <= self.top_k <= vocab_size,
-              f"sample.top_k={self.top_k} must be in [0, vocab_size={vocab_size}] (0 = off)")
+        for k in (self.top_k, *self.top_k_per_scale):
+            check(0 <= k <= vocab_size,
+                  f"sample.top_k={k} must be in [0, vocab_size={vocab_size}] (0 = off)")
         check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")
+        check(all(t > 0 for t in self.temperature),
+              f"sample.temperature values must be > 0, got {self.temperature}")
+        for name in ("top_k_per_scale", "temperature"):
+            n = len(getattr(self, name))
+            check(scales is None or n in (0, scales),
+                  f"sample.{name} has {n} values; give one per scale ({scales}) or none")
+
+    def filter(self, logits: jax.Array, k: int) -> jax.Array:
+        """Scale k's guided logits -> the logits it samples from: temperature (before or,
+        CoDe's order, after the filter), then top-k / top-p."""
+        top_k = self.top_k_per_scale[k] if self.top_k_per_scale else self.top_k
+        t = self.temperature[k] if self.temperature else 1.0
+        if self.temperature_after_filter:
+            return filter_logits(logits, top_k, self.top_p) / t
+        return filter_logits(logits / t, top_k, self.top_p)
+
+
+class _Stream(NamedTuple):
+    """One VAR's decoding state over the doubled batch [cond; null]."""
+    model: object
+    cond: jax.Array
+    block_cond: jax.Array
+    cache: list
+
+
+def _start(model, labels: jax.Array, guided: bool) -> _Stream:
+    rows = labels.astype(jnp.int32)
+    if guided:
+        rows = jnp.concatenate([rows, jnp.full_like(rows, model.cfg.num_classes)])
+    cond, block_cond = model.conditioning(rows)
+    return _Stream(model, cond, block_cond, model.init_cache(rows.shape[0]))
+
+
+def _draw(logits, k: int, key, cfg: VARSampleConfig, batch: int, scales: int, codebook):
+    """Scale k's logits over the doubled batch -> (codes int32 [B, n], code vectors h)."""
+    if cfg.cfg != 1:
+        w = cfg_weight(cfg.cfg, cfg.cfg_schedule, k, scales)
+        logits = cfg_combine(logits[:batch], logits[batch:], w)
+    logits = cfg.filter(logits, k)
+    k_idx, k_gumbel = jax.random.split(jax.random.fold_in(key, k))
+    codes = jax.random.categorical(k_idx, logits).astype(jnp.int32)
+    if not cfg.smooth:
+        return codes, codebook[codes]
+    ratio = k / (scales - 1)
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    gumbel = jax.random.gumbel(k_gumbel, logits.shape)
+    return codes, jax.nn.softmax((logits * (1 + ratio) + gumbel) / tau, axis=-1) @ codebook
+
+
+def _check_pair(model, vae) -> None:
+    check(vae.cfg.patch_nums == model.cfg.patch_nums
+          and vae.cfg.codebook_size == model.cfg.vocab_size,
+          "VAR and its tokenizer must share patch_nums and codebook_size")
 
 
 def sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array, labels: jax.Array,
            cfg: VARSampleConfig) -> Samples:
     """labels int [B] -> Samples(images [B, H, W, 3] in [-1, 1], {"codes": flat codes
     [B, sum pn^2]}, {"target_passes"})."""
-    model, vae = bind(graphdef, params), bind(vae_graphdef, vae_params)
-    mcfg = model.cfg
-    cfg.validate(mcfg.vocab_size)
-    check(vae.cfg.patch_nums == mcfg.patch_nums and vae.cfg.codebook_size == mcfg.vocab_size,
-          "VAR and its tokenizer must share patch_nums and codebook_size")
-    batch, scales, side = labels.shape[0], len(mcfg.patch_nums), mcfg.patch_nums[-1]
-    guided = cfg.cfg != 1
-    rows = labels.astype(jnp.int32)
-    if guided:
-        rows = jnp.concatenate([rows, jnp.full_like(rows, mcfg.num_classes)])
+    return _decode([(bind(graphdef, params), len(bind(graphdef, params).cfg.patch_nums))],
+                   bind(vae_graphdef, vae_params), key, labels, cfg)
+
+
+def sample_collaborative(drafter, refiner, vae_graphdef, vae_params, key: jax.Array,
+                         labels: jax.Array, cfg: VARSampleConfig, draft_steps: int) -> Samples:
+    """CoDe: the `drafter` VAR (graphdef, params) samples scales 0..N-1 (N = draft_steps),
+    then the `refiner` VAR fills its cache with one block-causal pass over the inputs of
+    scales 0..N and samples scales N..K-1; one VQ-VAE decodes. Scale k draws with the key
+    fold_in(key, k) either way, so drafter == refiner gives plain `sample`'s codes. Stats:
+    `drafter_passes`, `refiner_passes` and their sum `target_passes`."""
+    d_model, r_model = bind(*drafter), bind(*refiner)
+    scales = len(d_model.cfg.patch_nums)
+    check(r_model.cfg.patch_nums == d_model.cfg.patch_nums
+          and r_model.cfg.vocab_size == d_model.cfg.vocab_size
+          and r_model.cfg.codebook_dim == d_model.cfg.codebook_dim,
+          "CoDe's drafter and refiner must share patch_nums, vocab_size and codebook_dim "
+          "(one tokenizer)")
+    check(1 <= draft_steps <= scales - 1,
+          f"draft_steps={draft_steps} must be in [1, {scales - 1}] (scales drafted by the "
+          "large model; the refiner does the rest)")
+    return _decode([(d_model, draft_steps), (r_model, scales - draft_steps)],
+                   bind(vae_graphdef, vae_params), key, labels, cfg)
+
+
+def _decode(models, vae, key, labels, cfg: VARSampleConfig) -> Samples:
+    """Scales 0..K-1 by consecutive models [(model, number of scales)]: each later model
+    prefills its cache with the next-scale inputs of every earlier scale in one pass."""
+    first = models[0][0]
+    for model, _ in models:
+        _check_pair(model, vae)
+    mcfg = first.cfg
+    scales, side = len(mcfg.patch_nums), mcfg.patch_nums[-1]
+    cfg.validate(mcfg.vocab_size, scales)
+    batch, guided = labels.shape[0], cfg.cfg != 1
     double = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
-    cond, block_cond = model.conditioning(rows)
-    cache = model.init_cache(rows.shape[0])
+    bounds = scale_bounds(mcfg.patch_nums)
     f_hat = jnp.zeros((batch, side, side, mcfg.codebook_dim))
     codebook = vae.quantize.embedding.embedding[...]
-    x, codes, passes = model.embed(cond, None, 0), [], jnp.zeros((), jnp.int32)
-    for k, (begin, end) in enumerate(scale_bounds(mcfg.patch_nums)):
-        logits, cache = model.decode_scale(x, cond, block_cond, cache, begin)
-        passes += 1
-        if guided:
-            w = cfg_weight(cfg.cfg, cfg.cfg_schedule, k, scales)
-            logits = cfg_combine(logits[:batch], logits[batch:], w)
-        logits = filter_logits(logits, cfg.top_k, cfg.top_p)
-        k_idx, k_gumbel = jax.random.split(jax.random.fold_in(key, k))
-        codes.append(jax.random.categorical(k_idx, logits).astype(jnp.int32))
-        if cfg.smooth:
-            ratio = k / (scales - 1)
-            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            gumbel = jax.random.gumbel(k_gumbel, logits.shape)
-            h = jax.nn.softmax((logits * (1 + ratio) + gumbel) / tau, axis=-1) @ codebook
-        else:
-            h = codebook[codes[-1]]
-        f_hat, nxt = vae.quantize.next_input(k, f_hat, h, side)
-        if nxt is not None:
-            x = model.embed(None, double(nxt), end)
-    return Samples(vae.decode_f_hat(f_hat), {"codes": jnp.concatenate(codes, axis=1)},
-                   {"target_passes": passes})
+    codes, inputs, stats, start = [], [], {}, 0
+    for i, (model, count) in enumerate(models):
+        s = _start(model, labels, guided)
+        x = model.embed(s.cond, None, 0)
+        if inputs:  # the next-scale inputs of scales 1..start: one prefill pass
+            x = jnp.concatenate([x, model.embed(None, double(jnp.concatenate(inputs, 1)), 1)],
+                                axis=1)
+        calls = 0
+        for k in range(start, start + count):
+            begin, end = bounds[k]
+            logits, cache = model.decode_scale(x, s.cond, s.block_cond, s.cache,
+                                               begin if k > start else 0)
+            s, calls = s._replace(cache=cache), calls + 1
+            scale_codes, h = _draw(logits[:, begin - end:], k, key, cfg, batch, scales,
+                                   codebook)
+            codes.append(scale_codes)
+            f_hat, nxt = vae.quantize.next_input(k, f_hat, h, side)
+            if nxt is not None:
+                inputs.append(nxt)
+                x = model.embed(None, double(nxt), end)
+        start += count
+        name = ("drafter_passes", "refiner_passes")[i] if len(models) > 1 else "target_passes"
+        stats[name] = jnp.int32(calls)  # a prefill is one call
+    if len(models) > 1:
+        stats["target_passes"] = stats["drafter_passes"] + stats["refiner_passes"]
+    return Samples(vae.decode_f_hat(f_hat), {"codes": jnp.concatenate(codes, axis=1)}, stats)
