@@ -15,11 +15,17 @@ evaluator. Every stage resumes from its last checkpoint; a finished work dir onl
 again, into a new samples/<tag>/. Guidance: `sample.cfg` is the weight at the last scale
 (official cfg=1.5 is 2.5 here). model.vocab_size, codebook_dim and patch_nums come from the
 tokenizer.
+
+CoDe (collaborative decoding): `--set draft_steps=N` with a `refiner` config (or
+`--config imagenet256_codeN`) samples scales 0..N-1 with the model and the rest with the
+small refiner, trained as its own stage on the cross-entropy of its scales only (or loaded
+from `refiner_ckpt`); the digits preset has a 2-block refiner: `--set draft_steps=4`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +67,11 @@ from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 class Config(ExperimentConfig):
     DERIVED = {"model.vocab_size": "tokenizer.codebook_size",
                "model.codebook_dim": "tokenizer.codebook_dim",
-               "model.patch_nums": "tokenizer.patch_nums"}
+               "model.patch_nums": "tokenizer.patch_nums",
+               "refiner.vocab_size": "tokenizer.codebook_size",
+               "refiner.codebook_dim": "tokenizer.codebook_dim",
+               "refiner.patch_nums": "tokenizer.patch_nums",
+               "refiner.num_classes": "model.num_classes"}
 
     tokenizer: MSVQConfig = VAR_VAE
     tokenizer_train: StageConfig = StageConfig()
@@ -70,6 +80,11 @@ class Config(ExperimentConfig):
     var_train: StageConfig = StageConfig()
     var_ckpt: str | None = None  # official var_d{16,20,24,30}.pth: skips VAR training
     sample: VARSampleConfig = VARSampleConfig()
+    # CoDe: `model` drafts scales 0..draft_steps-1, the small `refiner` does the rest
+    draft_steps: int = 0  # 0 = plain VAR sampling
+    refiner: VARConfig | None = None
+    refiner_train: StageConfig = StageConfig(steps=0)  # CE on the refiner's own scales
+    refiner_ckpt: str | None = None  # official var_d16.pth or CoDe's refiner_{6..9}.pth
 
 
 DIGITS = Config(
@@ -84,6 +99,10 @@ DIGITS = Config(
                                                             b2=0.95, grad_clip=2.0)),
     sample=VARSampleConfig(cfg=2.5, top_k=0, top_p=1.0),
     eval_samples_per_class=40,
+    refiner=VARConfig(depth=2, width=48, heads=2, aln_gamma_init=0.5),
+    refiner_train=StageConfig(steps=400, batch_size=64, log_every=100, ckpt_every=200,
+                              optim=OptimConfig(lr=1e-3, warmup_steps=50, b2=0.95,
+                                                grad_clip=2.0)),
 )
 
 
@@ -115,7 +134,25 @@ def imagenet(depth: int) -> Config:
     )
 
 
-PRESETS = {"digits": DIGITS, **{f"imagenet256_d{d}": imagenet(d) for d in (16, 20, 24, 30)}}
+def imagenet_code(draft_steps: int) -> Config:
+    """CoDe (arXiv 2411.17787) on ImageNet 256: VAR-d30 drafts scales 0..N-1, VAR-d16 refines
+    the rest, with CoDe's FID protocol (official cfg 1.5 = 2.5 here, top-k 600 at every
+    scale, top-p 0.96, temperatures [1.1] x 7 + [1.0] x 3 applied after the filter, 50 images
+    per class). Load `var_ckpt` / `refiner_ckpt` with CoDe's `drafter_N.pth` /
+    `refiner_N.pth` (plain VAR state_dicts), or var_d30.pth / var_d16.pth for training-free
+    CoDe."""
+    base = imagenet(30)
+    return dataclasses.replace(
+        base, draft_steps=draft_steps, refiner=var_config(16),
+        refiner_train=dataclasses.replace(imagenet(16).var_train),
+        samples_per_class=50,
+        sample=VARSampleConfig(cfg=2.5, top_k=600, top_p=0.96,
+                               temperature=(1.1,) * 7 + (1.0,) * 3,
+                               temperature_after_filter=True))
+
+
+PRESETS = {"digits": DIGITS, **{f"imagenet256_d{d}": imagenet(d) for d in (16, 20, 24, 30)},
+           **{f"imagenet256_code{n}": imagenet_code(n) for n in (6, 7, 8, 9)}}
 
 
 def validate(cfg: Config, mesh) -> None:
@@ -129,6 +166,15 @@ def validate(cfg: Config, mesh) -> None:
                  f"{cfg.tokenizer.downsample} = {latent}, got tokenizer.patch_nums[-1]="
                  f"{cfg.tokenizer.patch_nums[-1]}")
     check_stages(cfg, mesh, "tokenizer", "var")
+    scales = len(cfg.tokenizer.patch_nums)
+    cfg.sample.validate(cfg.model.vocab_size, scales)
+    cfglib.check(0 <= cfg.draft_steps < scales,
+                 f"draft_steps={cfg.draft_steps} must be in [0, {scales - 1}] (0 = plain VAR; "
+                 "N = CoDe: the model drafts N scales, the refiner the rest)")
+    if cfg.draft_steps:
+        cfglib.check(cfg.refiner is not None, "draft_steps > 0 (CoDe) needs a refiner config")
+        cfg.refiner.validate()
+        check_stages(cfg, mesh, "refiner")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -144,9 +190,11 @@ def split_scales(codes: jax.Array, patch_nums) -> list[jax.Array]:
     return jnp.split(codes, np.cumsum([p * p for p in patch_nums])[:-1], axis=1)
 
 
-def make_var_loss(quantizer):
+def make_var_loss(quantizer, first_scale: int = 0):
     """Teacher forcing over all scales; the inputs are rebuilt from the codes by the frozen
-    quantiser (codebook + Phi, a few hundred K parameters baked into the step)."""
+    quantiser (codebook + Phi, a few hundred K parameters baked into the step). With
+    `first_scale` the cross-entropy counts only scales first_scale.. (CoDe's refiner,
+    specialised on the scales it samples)."""
     q_graphdef, q_params = quantizer
 
     def loss(model: VAR, batch, key):
@@ -155,17 +203,25 @@ def make_var_loss(quantizer):
         inputs = bind(q_graphdef, q_params).teacher_inputs(split_scales(codes, patch),
                                                            patch[-1])
         logits = model(batch["label"], jax.lax.stop_gradient(inputs), key=key)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+        begin = sum(p * p for p in patch[:first_scale])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)[:, begin:]
         last = patch[-1] ** 2
-        return ce.mean(), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == codes),
+        return ce.mean(), {"accuracy": jnp.mean(jnp.argmax(logits, -1)[:, begin:]
+                                                == codes[:, begin:]),
                            "last_scale_ce": ce[:, -last:].mean()}
     return loss
 
 
-def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig):
-    """params -> Generated: the whole sampler incl. the decoder in one jit."""
-    return make_generator(lambda p, vp, key, labels: var_sampling.sample(
-        graphdef, p, vae_graphdef, vp, key, labels, sample_cfg), mesh, vae_params)
+def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig,
+                 draft_steps: int = 0, refiner=None):
+    """params -> Generated: the whole sampler incl. the decoder in one jit; with
+    `draft_steps` > 0, CoDe with `refiner` = (graphdef, params) finishing the scales."""
+    if not draft_steps:
+        return make_generator(lambda p, vp, key, labels: var_sampling.sample(
+            graphdef, p, vae_graphdef, vp, key, labels, sample_cfg), mesh, vae_params)
+    return make_generator(lambda p, f, key, labels: var_sampling.sample_collaborative(
+        (graphdef, p), (refiner[0], f["refiner"]), vae_graphdef, f["vae"], key, labels,
+        sample_cfg, draft_steps), mesh, {"vae": vae_params, "refiner": refiner[1]})
 
 
 def plan_stage(cfg: Config) -> PlannedStage:
@@ -192,14 +248,7 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         tokenizer_loss, lambda: train_source, mesh, workdir, progress,
         lambda path: load_vae(path, cfg.tokenizer), summary)
 
-    model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
-    graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
-    score = None
-    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
-                              cfg.seed, train_source.images)
-
+    @functools.cache
     def codes():
         encode = jax.jit(lambda p, x: jnp.concatenate(
             bind(vae_graphdef, p).encode(to_float(x)), axis=1))
@@ -210,6 +259,22 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
                             codes_dtype(cfg.tokenizer.codebook_size), progress)
 
     quantizer = split(bind(vae_graphdef, vae_params).quantize)
+    refiner = None
+    if cfg.draft_steps:
+        refiner = stage_weights(
+            cfg, "refiner", lambda: VAR(cfg.refiner, rngs=nnx.Rngs(cfg.seed + 2)),
+            make_var_loss(quantizer, cfg.draft_steps), codes, mesh, workdir, progress,
+            lambda path: load_var(path, cfg.refiner), summary)
+        summary["refiner/params"] = param_count(refiner[1])
+    model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
+    graphdef = split(nnx.eval_shape(model_fn))[0]
+    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample,
+                            cfg.draft_steps, refiner)
+    score = None
+    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
+        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
+                              cfg.seed, train_source.images)
+
     _, params = stage_weights(cfg, "var", model_fn, make_var_loss(quantizer), codes, mesh,
                               workdir, progress, lambda path: load_var(path, cfg.model),
                               summary, score)

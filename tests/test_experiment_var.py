@@ -32,6 +32,10 @@ SMOKE = override(exp.DIGITS, [
     (["data.views=random"], "data.views must be one of"),
     (["data.views=var_crops", "data.crops=0"], "data.crops must be >= 1"),
     (["data.workers=-1"], "data.workers must be >= 0"),
+    (["draft_steps=6"], "draft_steps=6 must be in"),
+    (["draft_steps=3", "refiner_train.steps=0"], "refiner_train.steps must be > 0"),
+    (["draft_steps=3", "refiner_ckpt=/nonexistent/refiner_8.pth"], "does not exist"),
+    (["sample.temperature=[1.0,1.0]"], "give one per scale"),
 ])
 def test_bad_input_fails_before_compilation(overrides, match, no_compilation, tmp_path):
     with pytest.raises(ConfigError, match=match):
@@ -67,3 +71,16 @@ def test_official_views_and_grain_workers_end_to_end(tmp_path):
     (cache,) = os.listdir(tmp_path / "codes")
     manifest = json.load(open(tmp_path / "codes" / cache / "manifest.json"))
     assert manifest["views"] == 2 and manifest["num_examples"] == 1500
+
+
+@pytest.mark.slow
+def test_collaborative_decoding_with_a_trained_refiner(tmp_path):
+    """CoDe on digits: the refiner trains as its own stage on its scales, then the model
+    drafts 3 scales and the refiner finishes the other 3 inside one sampler."""
+    cfg = override(SMOKE, ["draft_steps=3", "refiner_train.steps=2",
+                           "refiner_train.batch_size=16", "refiner_train.log_every=1"])
+    summary = exp.run(cfg, str(tmp_path), progress=False)
+    assert summary["images"].shape == (80, 32, 32, 3)
+    assert (summary["sample/drafter_passes"], summary["sample/refiner_passes"]) == (3, 3)
+    assert summary["refiner/params"] < summary["var/params"]
+    assert os.path.exists(tmp_path / "refiner" / "ckpt" / "2")
