@@ -72,13 +72,15 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
         log_every: int = 50, ckpt_every: int = 500, keep: int = 2,
         on_log: Callable[[int, dict], None] | None = None,
         evaluate: Callable[[TrainState], dict] | None = None, eval_every: int = 0,
-        progress: bool = True) -> tuple[TrainState, list[dict]]:
+        progress: bool = True, frozen: Any = None) -> tuple[TrainState, list[dict]]:
     """Trains `steps` steps (resuming if `workdir/name/ckpt` has a checkpoint).
 
     Args:
       make_batches: start_step -> iterator of global batches from that step on.
       evaluate: state -> {name: value}, run every `eval_every` steps and at the end; values
         are logged as `eval/<name>` (TensorBoard, jsonl) and kept in the history.
+      frozen: device arrays every step reads but does not train (a distillation teacher):
+        `train_step(state, batch, frozen)`, passed as jit arguments, never baked in.
     Returns:
       the final state and the logged metrics (one dict per log step, earlier runs' included).
     """
@@ -94,6 +96,7 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     step_fn = jax.jit(train_step, donate_argnums=0,
                       out_shardings=(shardings, sharding.replicated(mesh)))
     batches = make_batches(start)
+    extra = () if frozen is None else (frozen,)
     bar = tqdm(total=steps, initial=start, desc=name, dynamic_ncols=True,
                disable=not progress or not distributed.is_main())
     say = bar.write if distributed.is_main() else (lambda message: None)
@@ -101,7 +104,7 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     closing = contextlib.closing if hasattr(batches, "close") else contextlib.nullcontext
     with StopSignal() as stop, closing(batches):  # closing stops the loader's workers
         for step in range(start, steps):
-            state, metrics = step_fn(state, next(batches))
+            state, metrics = step_fn(state, next(batches), *extra)
             done = step + 1
             if done % log_every == 0 or done == steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -159,6 +162,8 @@ def make_train_step(graphdef, loss_fn: Callable, tx, ema_decay: float = 0.0,
     """Builds a pure `train_step(state, batch)` from `loss_fn(model, batch, key) -> (loss, aux)`.
 
     Reports the loss, the scalars in `aux`, and the l2 norms of grads, params and updates.
+    A step given `frozen` weights (`fit(frozen=...)`) calls `loss_fn(model, batch, key,
+    frozen)`.
     With an EMA in the state it is updated after every optimizer step,
     ema <- d * ema + (1 - d) * params in float32 (`ema_decay_at`).
     """
@@ -166,11 +171,12 @@ def make_train_step(graphdef, loss_fn: Callable, tx, ema_decay: float = 0.0,
 
     from arjax.models import bind
 
-    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch, frozen=None) -> tuple[TrainState, dict]:
         key = state.step_key()
+        extra = () if frozen is None else (frozen,)
 
         def objective(params):
-            return loss_fn(bind(graphdef, params), batch, key)
+            return loss_fn(bind(graphdef, params), batch, key, *extra)
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

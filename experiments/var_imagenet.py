@@ -18,8 +18,11 @@ tokenizer.
 
 CoDe (collaborative decoding): `--set draft_steps=N` with a `refiner` config (or
 `--config imagenet256_codeN`) samples scales 0..N-1 with the model and the rest with the
-small refiner, trained as its own stage on the cross-entropy of its scales only (or loaded
-from `refiner_ckpt`); the digits preset has a 2-block refiner: `--set draft_steps=4`.
+small refiner: loaded from `refiner_ckpt`, or trained after the model as its own stage on
+its scales only, distilled from the model's logits (KL at temperature
+`refiner_kd_temperature`, mixed with cross-entropy by `refiner_ce_weight`; CoDe released no
+training script, this follows the paper). The digits preset has a 2-block refiner:
+`--set draft_steps=4`.
 """
 
 from __future__ import annotations
@@ -83,8 +86,10 @@ class Config(ExperimentConfig):
     # CoDe: `model` drafts scales 0..draft_steps-1, the small `refiner` does the rest
     draft_steps: int = 0  # 0 = plain VAR sampling
     refiner: VARConfig | None = None
-    refiner_train: StageConfig = StageConfig(steps=0)  # CE on the refiner's own scales
+    refiner_train: StageConfig = StageConfig(steps=0)  # on the refiner's own scales only
     refiner_ckpt: str | None = None  # official var_d16.pth or CoDe's refiner_{6..9}.pth
+    refiner_ce_weight: float = 0.0  # a: a CE + (1 - a) T^2 KL(teacher_T || refiner_T)
+    refiner_kd_temperature: float = 1.0  # T; the teacher is the trained `model`
 
 
 DIGITS = Config(
@@ -175,6 +180,8 @@ def validate(cfg: Config, mesh) -> None:
         cfglib.check(cfg.refiner is not None, "draft_steps > 0 (CoDe) needs a refiner config")
         cfg.refiner.validate()
         check_stages(cfg, mesh, "refiner")
+        cfglib.check(0 <= cfg.refiner_ce_weight <= 1 and cfg.refiner_kd_temperature > 0,
+                     "refiner_ce_weight must be in [0, 1] and refiner_kd_temperature > 0")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -190,25 +197,40 @@ def split_scales(codes: jax.Array, patch_nums) -> list[jax.Array]:
     return jnp.split(codes, np.cumsum([p * p for p in patch_nums])[:-1], axis=1)
 
 
-def make_var_loss(quantizer, first_scale: int = 0):
+def make_var_loss(quantizer, first_scale: int = 0, teacher_graphdef=None,
+                  ce_weight: float = 1.0, temperature: float = 1.0):
     """Teacher forcing over all scales; the inputs are rebuilt from the codes by the frozen
     quantiser (codebook + Phi, a few hundred K parameters baked into the step). With
-    `first_scale` the cross-entropy counts only scales first_scale.. (CoDe's refiner,
-    specialised on the scales it samples)."""
+    `first_scale` the loss counts only scales first_scale.. (CoDe's refiner, specialised on
+    the scales it samples). With a teacher (CoDe's refiner distilled from the large model,
+    whose weights come as the step's `frozen` argument) the loss is
+    ce_weight CE + (1 - ce_weight) T^2 KL(softmax(teacher / T) || softmax(student / T)), the
+    teacher seeing the same inputs and the same dropped labels, without dropout."""
     q_graphdef, q_params = quantizer
 
-    def loss(model: VAR, batch, key):
+    def loss(model: VAR, batch, key, teacher=None):
         patch = model.cfg.patch_nums
         codes = batch["codes"]
-        inputs = bind(q_graphdef, q_params).teacher_inputs(split_scales(codes, patch),
-                                                           patch[-1])
-        logits = model(batch["label"], jax.lax.stop_gradient(inputs), key=key)
+        inputs = jax.lax.stop_gradient(bind(q_graphdef, q_params).teacher_inputs(
+            split_scales(codes, patch), patch[-1]))
+        logits = model(batch["label"], inputs, key=key)
         begin = sum(p * p for p in patch[:first_scale])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)[:, begin:]
         last = patch[-1] ** 2
-        return ce.mean(), {"accuracy": jnp.mean(jnp.argmax(logits, -1)[:, begin:]
-                                                == codes[:, begin:]),
-                           "last_scale_ce": ce[:, -last:].mean()}
+        aux = {"accuracy": jnp.mean(jnp.argmax(logits, -1)[:, begin:] == codes[:, begin:]),
+               "last_scale_ce": ce[:, -last:].mean()}
+        if teacher is None:
+            return ce.mean(), aux
+        labels = batch["label"]
+        if model.cfg.label_drop > 0:  # the very draw the student's call made
+            drop = jax.random.bernoulli(key, model.cfg.label_drop, labels.shape)
+            labels = jnp.where(drop, model.cfg.num_classes, labels)
+        t_logits = jax.lax.stop_gradient(bind(teacher_graphdef, teacher)(labels, inputs))
+        t_logp = jax.nn.log_softmax(t_logits[:, begin:].astype(jnp.float32) / temperature)
+        s_logp = jax.nn.log_softmax(logits[:, begin:] / temperature)
+        kd = jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1)) * temperature ** 2
+        aux.update(ce=ce.mean(), kd=kd)
+        return ce_weight * ce.mean() + (1 - ce_weight) * kd, aux
     return loss
 
 
@@ -259,25 +281,28 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
                             codes_dtype(cfg.tokenizer.codebook_size), progress)
 
     quantizer = split(bind(vae_graphdef, vae_params).quantize)
-    refiner = None
-    if cfg.draft_steps:
-        refiner = stage_weights(
-            cfg, "refiner", lambda: VAR(cfg.refiner, rngs=nnx.Rngs(cfg.seed + 2)),
-            make_var_loss(quantizer, cfg.draft_steps), codes, mesh, workdir, progress,
-            lambda path: load_var(path, cfg.refiner), summary)
-        summary["refiner/params"] = param_count(refiner[1])
     model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample,
-                            cfg.draft_steps, refiner)
-    score = None
-    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
-                              cfg.seed, train_source.images)
-
+    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
+    digits = cfg.data.name == "digits" and cfg.eval_samples_per_class
+    scorer = lambda gen: digits_scorer(gen, cfg.model.num_classes, cfg.eval_samples_per_class,
+                                       cfg.seed, train_source.images) if digits else None
+    score = scorer(generate)
     _, params = stage_weights(cfg, "var", model_fn, make_var_loss(quantizer), codes, mesh,
                               workdir, progress, lambda path: load_var(path, cfg.model),
                               summary, score)
+    if cfg.draft_steps:  # CoDe: the refiner learns the last scales from the trained model
+        distill = cfg.refiner_ce_weight < 1
+        refiner = stage_weights(
+            cfg, "refiner", lambda: VAR(cfg.refiner, rngs=nnx.Rngs(cfg.seed + 2)),
+            make_var_loss(quantizer, cfg.draft_steps, graphdef if distill else None,
+                          cfg.refiner_ce_weight, cfg.refiner_kd_temperature),
+            codes, mesh, workdir, progress, lambda path: load_var(path, cfg.refiner), summary,
+            frozen=params if distill else None)
+        summary["refiner/params"] = param_count(refiner[1])
+        generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample,
+                                cfg.draft_steps, refiner)
+        score = scorer(generate)
     summary["var/params"] = param_count(params)
     return dict(generate=generate, params=params, summary=summary, score=score,
                 step=cfg.var_train.steps)

@@ -107,3 +107,28 @@ def test_bad_collaborative_setups_fail_before_compiling(change, n, match):
     with pytest.raises(ConfigError, match=match):
         jax.jit(var_sampling.sample_collaborative, static_argnames=("cfg", "draft_steps"))(
             large, other, *vae, jax.random.key(0), jnp.zeros((2,), jnp.int32), sample, n)
+
+
+@pytest.mark.slow  # eager forwards of two VARs: ~20 s
+def test_refiner_distillation_loss():
+    """KL(teacher || student) at temperature T on the refiner's scales: zero when the teacher
+    is the student itself (same inputs, the same dropped labels), positive otherwise."""
+    from experiments.var_imagenet import make_var_loss
+
+    cfg = VARConfig(**{**TINY_VAR.__dict__, "label_drop": 0.5})
+    student = randomised(lambda: VAR(cfg, rngs=nnx.Rngs(0)), 3)
+    other = randomised(lambda: VAR(cfg, rngs=nnx.Rngs(0)), 5)
+    vae = bind(*randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1))
+    quantizer = nnx.split(vae.quantize)
+    batch = {"codes": jax.random.randint(jax.random.key(1), (6, BOUNDS[-1][1]), 0, 16),
+             "label": jnp.arange(6) % 5}
+    loss = make_var_loss(quantizer, 2, student[0], ce_weight=0.0, temperature=2.0)
+    model = bind(*student)
+    for seed in range(3):  # label drops differ per key: the teacher must see the same ones
+        value, aux = loss(model, batch, jax.random.key(seed), student[1])
+        assert abs(float(value)) < 1e-5 and float(aux["ce"]) > 0
+    value, aux = loss(model, batch, jax.random.key(0), other[1])
+    assert float(value) > 1e-3 and float(value) == float(aux["kd"])
+    mixed = make_var_loss(quantizer, 2, student[0], ce_weight=0.25, temperature=2.0)
+    value, aux = mixed(model, batch, jax.random.key(0), other[1])
+    np.testing.assert_allclose(float(value), 0.25 * aux["ce"] + 0.75 * aux["kd"], rtol=1e-6)

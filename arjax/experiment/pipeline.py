@@ -91,11 +91,12 @@ def stage_program(module_fn, loss_fn, stage: StageConfig, seed: int = 0):
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
                 workdir, progress=True, evaluate=None,
                 rules: tuple[sharding.Rule, ...] = sharding.DEFAULT_RULES,
-                workers: int = 0, prefetch: int = 2):
+                workers: int = 0, prefetch: int = 2, frozen=None):
     """Trains one stage (or resumes / loads it when complete); returns (graphdef, weights,
     logged history, earlier runs' rows included). `evaluate(weights) -> {name: value}` and the
     returned weights are the EMA's when the stage keeps one (`sampling_weights`). `workers`
-    and `prefetch` configure the input pipeline (`Batches`)."""
+    and `prefetch` configure the input pipeline (`Batches`); `frozen` weights go to every
+    step (`fit`)."""
     graphdef, _ = split(nnx.eval_shape(module_fn))
     init_fn, train_step = stage_program(module_fn, loss_fn, stage, seed)
     state, history = fit(
@@ -105,12 +106,12 @@ def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed:
         steps=stage.steps, mesh=mesh, workdir=workdir, rules=rules,
         log_every=stage.log_every, ckpt_every=stage.ckpt_every,
         evaluate=(lambda st: evaluate(sampling_weights(st, stage))) if evaluate else None,
-        eval_every=stage.eval_every, progress=progress)
+        eval_every=stage.eval_every, progress=progress, frozen=frozen)
     return graphdef, sampling_weights(state, stage), history
 
 
 def stage_weights(cfg, name: str, module_fn, loss_fn, data, mesh, workdir, progress: bool,
-                  load, summary: dict, evaluate=None):
+                  load, summary: dict, evaluate=None, frozen=None):
     """One stage's (graphdef, weights): `cfg.<name>_ckpt` converted by `load(path)` and placed
     once on the mesh, or the stage trained (resumed) per `cfg.<name>_train` on `data()` (only
     called when training), its summary added to `summary`. Weights land in the layout of
@@ -121,7 +122,7 @@ def stage_weights(cfg, name: str, module_fn, loss_fn, data, mesh, workdir, progr
         return split(nnx.eval_shape(module_fn))[0], sharding.place(load(path), mesh, rules)
     graphdef, weights, history = train_stage(
         name, module_fn, loss_fn, getattr(cfg, f"{name}_train"), data(), cfg.seed, mesh,
-        workdir, progress, evaluate, rules, cfg.data.workers, cfg.data.prefetch)
+        workdir, progress, evaluate, rules, cfg.data.workers, cfg.data.prefetch, frozen)
     summary.update(training_summary(name, history))
     return graphdef, weights
 
