@@ -78,7 +78,8 @@ def test_collaborative_decoding_with_a_trained_refiner(tmp_path):
     """CoDe on digits: the refiner trains as its own stage on its scales, then the model
     drafts 3 scales and the refiner finishes the other 3 inside one sampler."""
     cfg = override(SMOKE, ["draft_steps=3", "refiner_train.steps=2",
-                           "refiner_train.batch_size=16", "refiner_train.log_every=1"])
+                           "refiner_train.batch_size=16", "refiner_train.log_every=1",
+                           "refiner.depth=1", "refiner.width=16"])
     summary = exp.run(cfg, str(tmp_path), progress=False)
     assert summary["images"].shape == (80, 32, 32, 3)
     assert (summary["sample/drafter_passes"], summary["sample/refiner_passes"]) == (3, 3)
