@@ -90,6 +90,7 @@ class Config(ExperimentConfig):
     refiner_ckpt: str | None = None  # official var_d16.pth or CoDe's refiner_{6..9}.pth
     refiner_ce_weight: float = 0.0  # a: a CE + (1 - a) T^2 KL(teacher_T || refiner_T)
     refiner_kd_temperature: float = 1.0  # T; the teacher is the trained `model`
+    drafter_own_scales: bool = False  # CoDe's drafter fine-tune: CE on scales 0..N-1 only
 
 
 DIGITS = Config(
@@ -198,12 +199,14 @@ def split_scales(codes: jax.Array, patch_nums) -> list[jax.Array]:
 
 
 def make_var_loss(quantizer, first_scale: int = 0, teacher_graphdef=None,
-                  ce_weight: float = 1.0, temperature: float = 1.0):
+                  ce_weight: float = 1.0, temperature: float = 1.0,
+                  last_scale: int | None = None):
     """Teacher forcing over all scales; the inputs are rebuilt from the codes by the frozen
     quantiser (codebook + Phi, a few hundred K parameters baked into the step). With
-    `first_scale` the loss counts only scales first_scale.. (CoDe's refiner, specialised on
-    the scales it samples). With a teacher (CoDe's refiner distilled from the large model,
-    whose weights come as the step's `frozen` argument) the loss is
+    `first_scale` / `last_scale` the loss counts only scales first_scale..last_scale - 1
+    (CoDe's refiner and drafter, each specialised on the scales it samples). With a teacher
+    (CoDe's refiner distilled from the large model, whose weights come as the step's `frozen`
+    argument) the loss is
     ce_weight CE + (1 - ce_weight) T^2 KL(softmax(teacher / T) || softmax(student / T)), the
     teacher seeing the same inputs and the same dropped labels, without dropout."""
     q_graphdef, q_params = quantizer
@@ -215,9 +218,11 @@ def make_var_loss(quantizer, first_scale: int = 0, teacher_graphdef=None,
             split_scales(codes, patch), patch[-1]))
         logits = model(batch["label"], inputs, key=key)
         begin = sum(p * p for p in patch[:first_scale])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)[:, begin:]
-        last = patch[-1] ** 2
-        aux = {"accuracy": jnp.mean(jnp.argmax(logits, -1)[:, begin:] == codes[:, begin:]),
+        end = sum(p * p for p in patch[:last_scale])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes)[:, begin:end]
+        last = patch[(last_scale or len(patch)) - 1] ** 2
+        aux = {"accuracy": jnp.mean(jnp.argmax(logits, -1)[:, begin:end]
+                                    == codes[:, begin:end]),
                "last_scale_ce": ce[:, -last:].mean()}
         if teacher is None:
             return ce.mean(), aux
@@ -226,8 +231,8 @@ def make_var_loss(quantizer, first_scale: int = 0, teacher_graphdef=None,
             drop = jax.random.bernoulli(key, model.cfg.label_drop, labels.shape)
             labels = jnp.where(drop, model.cfg.num_classes, labels)
         t_logits = jax.lax.stop_gradient(bind(teacher_graphdef, teacher)(labels, inputs))
-        t_logp = jax.nn.log_softmax(t_logits[:, begin:].astype(jnp.float32) / temperature)
-        s_logp = jax.nn.log_softmax(logits[:, begin:] / temperature)
+        t_logp = jax.nn.log_softmax(t_logits[:, begin:end].astype(jnp.float32) / temperature)
+        s_logp = jax.nn.log_softmax(logits[:, begin:end] / temperature)
         kd = jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1)) * temperature ** 2
         aux.update(ce=ce.mean(), kd=kd)
         return ce_weight * ce.mean() + (1 - ce_weight) * kd, aux
@@ -288,9 +293,10 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     scorer = lambda gen: digits_scorer(gen, cfg.model.num_classes, cfg.eval_samples_per_class,
                                        cfg.seed, train_source.images) if digits else None
     score = scorer(generate)
-    _, params = stage_weights(cfg, "var", model_fn, make_var_loss(quantizer), codes, mesh,
-                              workdir, progress, lambda path: load_var(path, cfg.model),
-                              summary, score)
+    own = cfg.draft_steps if cfg.draft_steps and cfg.drafter_own_scales else None
+    _, params = stage_weights(cfg, "var", model_fn, make_var_loss(quantizer, last_scale=own),
+                              codes, mesh, workdir, progress,
+                              lambda path: load_var(path, cfg.model), summary, score)
     if cfg.draft_steps:  # CoDe: the refiner learns the last scales from the trained model
         distill = cfg.refiner_ce_weight < 1
         refiner = stage_weights(

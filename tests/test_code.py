@@ -132,3 +132,8 @@ def test_refiner_distillation_loss():
     mixed = make_var_loss(quantizer, 2, student[0], ce_weight=0.25, temperature=2.0)
     value, aux = mixed(model, batch, jax.random.key(0), other[1])
     np.testing.assert_allclose(float(value), 0.25 * aux["ce"] + 0.75 * aux["kd"], rtol=1e-6)
+    drafter = make_var_loss(quantizer, last_scale=2)  # CE of scales 0 and 1 only
+    value, aux = drafter(model, batch, jax.random.key(0))
+    changed = {**batch, "codes": batch["codes"].at[:, BOUNDS[2][0]:].set(0)}
+    np.testing.assert_allclose(float(drafter(model, changed, jax.random.key(0))[0]),
+                               float(value), rtol=1e-6)  # later scales do not count
