@@ -173,3 +173,17 @@ def test_bad_search_config(bad, match):
     with pytest.raises(ConfigError, match=match):
         search.SearchConfig(**{"batch_schedule": (4, 4, 2, 1), "cluster_scales": (2,),
                                "resample_scales": (), **bad}).validate(len(PATCH))
+
+
+def test_digits_classifier_gives_structure_features_and_rewards():
+    from arjax.data.sources import digits
+    from arjax.metrics.digits import DigitsEvaluator
+
+    evaluator = DigitsEvaluator.load()
+    source = digits("test", 32)
+    images, labels = source.images[:40], source.labels[:40]
+    feats = evaluator.spatial_features(images)
+    assert feats.shape == (40, 16, 64) and search.structure_vectors(feats).shape == (40, 16)
+    right = evaluator.log_prob(images, labels)
+    wrong = evaluator.log_prob(images, (labels + 1) % 10)
+    assert right.shape == (40,) and np.all(right <= 0) and right.mean() > wrong.mean() + 2

@@ -37,11 +37,15 @@ class DigitsCNN(nnx.Module):
         self.fc = nnx.Linear(64 * 4 * 4, FEATURE_DIM, rngs=rngs)
         self.head = nnx.Linear(FEATURE_DIM, 10, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def spatial(self, x: jax.Array) -> jax.Array:
+        """The last conv feature map, [B, 4, 4, 64]: what a layout (structure) looks like."""
         pool = lambda h: nnx.avg_pool(h, (2, 2), strides=(2, 2))
         h = pool(jax.nn.relu(self.conv1(x)))
         h = pool(jax.nn.relu(self.conv2(h)))
-        h = pool(jax.nn.relu(self.conv3(h)))
+        return pool(jax.nn.relu(self.conv3(h)))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = self.spatial(x)
         features = jax.nn.relu(self.fc(h.reshape(h.shape[0], -1)))
         return features, self.head(features)
 
@@ -114,6 +118,17 @@ class DigitsEvaluator:
 
     def __post_init__(self):
         self._apply = jax.jit(lambda p, x: bind(self.graphdef, p)(_to_input(x)))
+
+    def spatial_features(self, images) -> np.ndarray:
+        """images -> [N, 16, 64] feature-map patches (TTS-VAR's structure features)."""
+        fn = jax.jit(lambda p, x: bind(self.graphdef, p).spatial(_to_input(x)))
+        maps = np.asarray(fn(self.params, np.asarray(images)))
+        return maps.reshape(len(maps), -1, maps.shape[-1])
+
+    def log_prob(self, images, labels) -> np.ndarray:
+        """log p(label | image) under the classifier: a reward for search samplers."""
+        _, probs = self.features_and_probs(images)
+        return np.log(np.maximum(probs[np.arange(len(probs)), np.asarray(labels)], 1e-12))
 
     def features_and_probs(self, images, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
         """images uint8 [N,H,W,C] or floats in [-1,1] -> (features [N,128], probs [N,10])."""
