@@ -2,6 +2,8 @@
 per-scale decoding, drafter == refiner reproduces plain VAR sampling token for token, per-scale
 top-k / temperature in both orders, and bad setups fail before compiling."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ BOUNDS = scale_bounds(PATCH)
 SMALL = VARConfig(**{**TINY_VAR.__dict__, "width": 16, "depth": 1})
 
 
+@functools.cache  # built once per test process
 def models():
     large = randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3)
     small = randomised(lambda: VAR(SMALL, rngs=nnx.Rngs(0)), 4)

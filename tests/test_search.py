@@ -2,6 +2,7 @@
 NumPy statements; the gather keeps a candidate's decoding state exactly (its continuation
 equals decoding that path alone); one candidate per label is plain VAR sampling."""
 
+import functools
 import itertools
 
 import jax
@@ -76,6 +77,7 @@ def test_structure_vectors_are_the_first_principal_projection():
     np.testing.assert_allclose(np.abs(flipped), np.abs(p), atol=1e-8)
 
 
+@functools.cache  # built once per test process
 def models():
     model = randomised(lambda: VAR(TINY_VAR, rngs=nnx.Rngs(0)), 3)
     vae = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
