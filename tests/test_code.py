@@ -68,19 +68,6 @@ def test_drafter_equal_to_refiner_is_plain_var_sampling(n):
     assert int(code.stats["target_passes"]) == len(PATCH)
 
 
-@pytest.mark.slow
-def test_small_refiner_finishes_the_large_drafts():
-    large, small, vae = models()
-    labels = jnp.array([0, 1, 2, 3])
-    run = jax.jit(var_sampling.sample_collaborative, static_argnames=("cfg", "draft_steps"))
-    code = run(large, small, *vae, jax.random.key(7), labels, SAMPLE, 2)
-    plain = jax.jit(var_sampling.sample, static_argnames="cfg")(
-        *large, *vae, jax.random.key(7), labels, SAMPLE)
-    split = BOUNDS[2][0]
-    np.testing.assert_array_equal(code.aux["codes"][:, :split], plain.aux["codes"][:, :split])
-    assert code.images.shape == (4, 16, 16, 3)
-
-
 def test_per_scale_top_k_and_coDe_temperature_order():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     before = var_sampling.VARSampleConfig(top_k=0, top_p=0.7, temperature=(2.0,))
