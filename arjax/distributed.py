@@ -141,22 +141,23 @@ def local_rows_of(x) -> np.ndarray:
     return np.concatenate([np.asarray(pieces[k]) for k in sorted(pieces)])
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is true on any (a tiny collective; call on all)."""
+def _every_process(value: np.ndarray) -> np.ndarray:
+    """[processes] of one scalar per process (a tiny collective; call on all processes)."""
     if jax.process_count() == 1:
-        return bool(flag)
+        return value[None]
     from jax.experimental import multihost_utils
 
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+    return np.asarray(multihost_utils.process_allgather(value))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any."""
+    return bool(_every_process(np.int32(flag)).any())
 
 
 def min_over_processes(value: int) -> int:
     """The smallest of every process's `value` (e.g. the step all processes have finished)."""
-    if jax.process_count() == 1:
-        return int(value)
-    from jax.experimental import multihost_utils
-
-    return int(np.asarray(multihost_utils.process_allgather(np.int64(value))).min())
+    return int(_every_process(np.int64(value)).min())
 
 
 def barrier(name: str) -> None:

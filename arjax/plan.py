@@ -126,7 +126,7 @@ def abstract_step(stage, mesh, rules, per_device_batch: int):
     from arjax import sharding
     from arjax.experiment.pipeline import stage_program
 
-    init_fn, train_step = stage_program(stage.module_fn, stage.loss_fn, stage.stage)
+    _, init_fn, train_step = stage_program(stage.module_fn, stage.loss_fn, stage.stage)
     state, shardings = sharding.abstract_sharded(init_fn, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)
     global_batch = per_device_batch * sharding.data_parallel_size(mesh)

@@ -65,7 +65,7 @@ def time_model(name: str, batch: int, rounds: int, steps: int) -> list[dict]:
         steps_by_policy[(dtype, remat)] = step.lower(state_spec, batch_spec).compile()
         compile_s[(dtype, remat)] = time.perf_counter() - t0
     stage = exp.plan_stage(base)
-    state = jax.jit(stage_program(stage.module_fn, stage.loss_fn, stage.stage)[0])()
+    state = jax.jit(stage_program(stage.module_fn, stage.loss_fn, stage.stage)[1])()
     vocab = getattr(stage.model_cfg, "vocab_size", 2)
     data = random_batch(stage.example, batch, vocab)
     times = {p: [] for p in POLICIES}

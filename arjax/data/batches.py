@@ -76,7 +76,7 @@ class Batches:
         sharding.check_batch(global_batch, mesh)
         check(global_batch <= source.num_examples,
               f"batch_size={global_batch} exceeds the {source.num_examples} examples of the data")
-        self.mesh, self.step = mesh, start_step
+        self.step = start_step
         self._sharding = sharding.batch_sharding(mesh)
         self.loader = StepLoader(source, global_batch, seed,
                                  local_rows(self._sharding, global_batch))

@@ -58,6 +58,11 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
+def shard_file(path: str, shard: int, kind: str) -> str:
+    """`<path>/shard-<k>.<kind>.npy`, kind "codes" or "label"."""
+    return os.path.join(path, f"shard-{shard:05d}.{kind}.npy")
+
+
 class CodeStore:
     """Random-access reader of a complete cache: `get(indices, views)` reads only the
     requested view of the requested rows (`pread` of whole rows, no memory map kept)."""
@@ -94,7 +99,7 @@ class CodeStore:
         self._labels: np.ndarray | None = None
 
     def _file(self, shard: int, kind: str) -> str:
-        return os.path.join(self.path, f"shard-{shard:05d}.{kind}.npy")
+        return shard_file(self.path, shard, kind)
 
     @property
     def labels(self) -> np.ndarray:
@@ -156,8 +161,7 @@ def extract(encode, source, path: str, fingerprint: str, batch: int, mesh,
     batch_sharding = sharding.batch_sharding(mesh)
     dp = sharding.data_parallel_size(mesh)
     rows_per_step = max(dp, batch // dp * dp)
-    mine = local_rows(batch_sharding, rows_per_step)
-    local_batch = len(mine)
+    local_batch = len(local_rows(batch_sharding, rows_per_step))
     proc, procs = jax.process_index(), jax.process_count()
     plan = shard_plan(source.num_examples, shard_rows, proc, procs)
     my_rows = np.concatenate([np.arange(a, b) for _, a, b in plan] or [np.zeros(0, int)])
@@ -186,15 +190,12 @@ def extract(encode, source, path: str, fingerprint: str, batch: int, mesh,
     marker = os.path.join(path, "progress", f"process-{proc}-of-{procs}.json")
     done = (_read_json(marker) or {}).get("step", -1)
     start = distributed.min_over_processes(done) + 1
-    files = {}
-    for shard, a, b in plan:  # create (or reopen) this process's shards
-        codes = os.path.join(path, f"shard-{shard:05d}.codes.npy")
-        shape = (b - a, views, *item_shape)
-        if start == 0 or not os.path.exists(codes):
-            np.lib.format.open_memmap(codes, "w+", dtype, shape)._mmap.close()
-            np.lib.format.open_memmap(codes.replace(".codes.", ".label."), "w+", np.int32,
-                                      (b - a,))._mmap.close()
-        files[shard] = (codes, a)
+    for shard, a, b in plan:  # create this process's shards (kept when resuming)
+        if start == 0 or not os.path.exists(shard_file(path, shard, "codes")):
+            np.lib.format.open_memmap(shard_file(path, shard, "codes"), "w+", dtype,
+                                      (b - a, views, *item_shape)).flush()
+            np.lib.format.open_memmap(shard_file(path, shard, "label"), "w+", np.int32,
+                                      (b - a,)).flush()
     jitted = jax.jit(encode, out_shardings=batch_sharding)
     bar = tqdm(total=steps, initial=start, desc=f"extract {os.path.basename(path)}",
                disable=not progress or not distributed.is_main(), dynamic_ncols=True)
@@ -210,7 +211,7 @@ def extract(encode, source, path: str, fingerprint: str, batch: int, mesh,
             info = np.iinfo(dtype)
             if out.min() < info.min or out.max() > info.max:
                 raise CacheError(f"codes out of the range of {dtype} ({out.min()}..{out.max()})")
-        _write_rows(files, plan, rows, out[:valid].astype(dtype), data["label"][:valid])
+        _write_rows(path, plan, rows, out[:valid].astype(dtype), data["label"][:valid])
         _write_json(marker, {"step": step})
         bar.update(1)
     bar.close()
@@ -221,17 +222,17 @@ def extract(encode, source, path: str, fingerprint: str, batch: int, mesh,
     return CodeStore(path, fingerprint)
 
 
-def _write_rows(files, plan, rows: np.ndarray, codes: np.ndarray, labels: np.ndarray) -> None:
-    """Writes each row's codes and label at its place in its shard (pwrite, then fsync-free:
-    the progress marker is written after, and a torn row is rewritten on resume)."""
+def _write_rows(path: str, plan, rows: np.ndarray, codes: np.ndarray,
+                labels: np.ndarray) -> None:
+    """Writes each row's codes and label at its place in its shard through a short-lived
+    memory map (flushed, then unmapped, so resident memory does not grow); no fsync: the
+    progress marker is written after, and a torn row is rewritten on resume."""
     for shard, a, b in plan:
         sel = (rows >= a) & (rows < b)
         if not sel.any():
             continue
-        codes_path, first = files[shard]
         for kind, values in (("codes", codes[sel]), ("label", labels[sel])):
-            target = codes_path if kind == "codes" else codes_path.replace(".codes.", ".label.")
-            mm = np.load(target, mmap_mode="r+")
-            mm[rows[sel] - first] = values
+            mm = np.load(shard_file(path, shard, kind), mmap_mode="r+")
+            mm[rows[sel] - a] = values
             mm.flush()
             del mm

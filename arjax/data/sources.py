@@ -49,10 +49,6 @@ class DataConfig:
         check(self.name != "folder" or bool(self.data_dir),
               "data.name=folder needs data.data_dir=/path/to/root (one sub-folder per class)")
 
-    @property
-    def num_views(self) -> int:
-        return num_views(self.views, self.crops)
-
     def content(self) -> dict:
         """The fields that decide what the data is (for cache fingerprints), not how fast it
         loads (workers, prefetch)."""
@@ -123,11 +119,6 @@ class ArraySource(ViewSource):
         if self.views == "center":  # already at its size: its own centre crop
             return {"image": self.images[indices][:, None], "label": self.labels[indices]}
         return super().all_views(indices)
-
-    def get(self, indices, views):
-        if self.views == "center":
-            return {"image": self.images[indices], "label": self.labels[indices]}
-        return super().get(indices, views)
 
 
 @functools.lru_cache(maxsize=8)

@@ -79,13 +79,14 @@ def sampling_weights(state, stage: StageConfig):
 
 
 def stage_program(module_fn, loss_fn, stage: StageConfig, seed: int = 0):
-    """The pure pair a stage trains with, (init_fn() -> TrainState, train_step(state,
-    batch)): the optimizer of `stage.optim`, an EMA when `stage.ema_decay` > 0. `fit`, the
-    memory planner and the train-step benchmark all run this pair."""
+    """What a stage trains with: (graphdef, init_fn() -> TrainState, train_step(state,
+    batch)), with the optimizer of `stage.optim` and an EMA when `stage.ema_decay` > 0. `fit`,
+    the memory planner and the train-step benchmark all run this."""
     graphdef = split(nnx.eval_shape(module_fn))[0]
     tx = make_optimizer(stage.optim)
     init_fn = lambda: init_state(split(module_fn())[1], tx, seed, ema=stage.ema_decay > 0)
-    return init_fn, make_train_step(graphdef, loss_fn, tx, stage.ema_decay, stage.ema_warmup)
+    return graphdef, init_fn, make_train_step(graphdef, loss_fn, tx, stage.ema_decay,
+                                              stage.ema_warmup)
 
 
 def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed: int, mesh,
@@ -97,8 +98,7 @@ def train_stage(name: str, module_fn, loss_fn, stage: StageConfig, source, seed:
     returned weights are the EMA's when the stage keeps one (`sampling_weights`). `workers`
     and `prefetch` configure the input pipeline (`Batches`); `frozen` weights go to every
     step (`fit`)."""
-    graphdef, _ = split(nnx.eval_shape(module_fn))
-    init_fn, train_step = stage_program(module_fn, loss_fn, stage, seed)
+    graphdef, init_fn, train_step = stage_program(module_fn, loss_fn, stage, seed)
     state, history = fit(
         name=name, init_fn=init_fn, train_step=train_step,
         make_batches=lambda start: Batches(source, stage.batch_size, seed, mesh, start,

@@ -118,11 +118,11 @@ class DigitsEvaluator:
 
     def __post_init__(self):
         self._apply = jax.jit(lambda p, x: bind(self.graphdef, p)(_to_input(x)))
+        self._spatial = jax.jit(lambda p, x: bind(self.graphdef, p).spatial(_to_input(x)))
 
     def spatial_features(self, images) -> np.ndarray:
         """images -> [N, 16, 64] feature-map patches (TTS-VAR's structure features)."""
-        fn = jax.jit(lambda p, x: bind(self.graphdef, p).spatial(_to_input(x)))
-        maps = np.asarray(fn(self.params, np.asarray(images)))
+        maps = np.asarray(self._spatial(self.params, np.asarray(images)))
         return maps.reshape(len(maps), -1, maps.shape[-1])
 
     def log_prob(self, images, labels) -> np.ndarray:

@@ -104,10 +104,12 @@ def cluster_select(vectors: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(picks)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "vae_graphdef", "k", "cfg", "batch"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "vae_graphdef", "k", "cfg", "batch",
+                                             "decode"))
 def _scale_step(graphdef, params, vae_graphdef, vae_params, state, labels, key, k: int,
-                cfg: VARSampleConfig, batch: int):
-    """Scale k for `batch` candidates: -> (state with this scale's codes, decoded images)."""
+                cfg: VARSampleConfig, batch: int, decode: bool = True):
+    """Scale k for `batch` candidates: -> (state with this scale's codes, the decoded images
+    when `decode`, else None: only selection scales and the last need them)."""
     model, vae = bind(graphdef, params), bind(vae_graphdef, vae_params)
     mcfg = model.cfg
     scales, side = len(mcfg.patch_nums), mcfg.patch_nums[-1]
@@ -122,7 +124,7 @@ def _scale_step(graphdef, params, vae_graphdef, vae_params, state, labels, key, 
         x = model.embed(None, jnp.concatenate([nxt, nxt]) if cfg.cfg != 1 else nxt, end)
     new = {"cache": cache, "f_hat": f_hat, "x": x,
            "codes": state["codes"].at[:, begin:end].set(codes)}
-    return new, vae.decode_f_hat(f_hat)
+    return new, vae.decode_f_hat(f_hat) if decode else None
 
 
 def gather(state: dict, rows: np.ndarray, guided: bool) -> dict:
@@ -162,16 +164,16 @@ def search_sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array,
     tokens = decodes = 0
     for k in range(scales):
         n = len(rows_labels)
+        select = k in search.cluster_scales or k in search.resample_scales or k == scales - 1
         state, images = _scale_step(graphdef, params, vae_graphdef, vae_params, state,
-                                    jnp.asarray(rows_labels), key, k, cfg, n)
+                                    jnp.asarray(rows_labels), key, k, cfg, n, select)
         tokens += n * (2 if guided else 1) * mcfg.patch_nums[k] ** 2
+        decodes += n if select else 0
         keep, picks = search.batch_schedule[k], None
         if k in search.cluster_scales:
-            decodes += n
             vectors = structure_vectors(features(np.asarray(images)))
             picks = [cluster_select(v, keep) for v in vectors.reshape(n_labels, count, -1)]
         if k in search.resample_scales or k == scales - 1:
-            decodes += n
             r = np.asarray(reward(np.asarray(images), rows_labels), np.float64)
             history.append(r.reshape(n_labels, count))
             if k == scales - 1:
@@ -183,12 +185,11 @@ def search_sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array,
         if picks is None or (keep == count and k == scales - 1 and count == 1):
             continue
         picks = np.stack(picks)  # [labels, keep], candidate indices within each label
-        state = gather(state, (np.arange(n_labels)[:, None] * count + picks).ravel(), guided)
+        rows = (np.arange(n_labels)[:, None] * count + picks).ravel()
+        state, images = gather(state, rows, guided), images[jnp.asarray(rows)]
         history = [h[np.arange(n_labels)[:, None], picks] for h in history]
         rows_labels, count = np.repeat(labels, keep), keep
-    final = jax.jit(lambda vp, f: bind(vae_graphdef, vp).decode_f_hat(f))(vae_params,
-                                                                        state["f_hat"])
     stats = {"token_passes_per_image": tokens / n_labels,
-             "vae_decodes_per_image": (decodes + n_labels) / n_labels,
+             "vae_decodes_per_image": decodes / n_labels,
              "reward": float(np.mean(history[-1])) if history else float("nan")}
-    return Samples(final, {"codes": state["codes"]}, {}), stats
+    return Samples(images, {"codes": state["codes"]}, {}), stats
