@@ -140,10 +140,11 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
           f"of the mesh {dict(mesh.shape)}; use e.g. {what}={max(n, batch_size // n * n or n)}")
 
 
-def from_host(batch: Any, mesh: Mesh) -> Any:
+def from_host(batch: Any, mesh: Mesh, sharding: NamedSharding | None = None) -> Any:
     """A numpy batch every process holds whole (labels to sample, images to score) -> global
-    jax.Arrays sharded on the batch; each process uploads only the rows its devices hold."""
-    sharding = batch_sharding(mesh)
+    jax.Arrays sharded on the batch (or by `sharding`); each process uploads only the rows its
+    devices hold."""
+    sharding = sharding or batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_callback(
         np.shape(x), sharding, lambda index: np.asarray(x)[index]), batch)
 

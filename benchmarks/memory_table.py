@@ -4,10 +4,15 @@ their official global batch on 64 and 256 chips (`arjax.plan` for each cell).
     python -m benchmarks.memory_table                       # exact state bytes (no compiling)
     python -m benchmarks.memory_table --target tpu:v5e --mode estimate \
         --cells gpt_B:64,flowar_S:64                        # + compiled temporaries (jax[tpu])
+    ... --mode estimate --shallow                           # from 1- and 2-block compiles
 
 State (parameters, Adam moments, EMA, batch) is exact for any target: it follows from shapes,
 dtypes and shardings. Temporaries need a compilation per cell and policy (float32 / bfloat16 +
-full remat); on a TPU target they are XLA:TPU's own buffer assignment.
+full remat); on a TPU target they are XLA:TPU's own buffer assignment. A full-depth XLA:TPU
+compilation takes 15+ minutes on a 2-core machine, so `--shallow` compiles each cell with 1 and
+2 blocks per stack (FlowAR: trunk and flow head separately) and extends temporaries and peak
+linearly in the block count (every block of a stack has the same shapes, so its buffers repeat;
+the check against a full-depth compile is in docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ MODELS = {"flowar_S": "flowar_imagenet:imagenet256_S", "flowar_L": "flowar_image
           "gpt_XL": "llamagen_imagenet:imagenet256_XL",
           "gpt_3B": "llamagen_imagenet:imagenet256_3B"}
 POLICIES = {"f32": [], "bf16+remat": ["model.dtype=bfloat16", "model.remat=full"]}
+STACKS = {"flowar": ("depth", "head_depth"), "var": ("depth",), "gpt": ("depth",)}
+
+
+def shallow(run, argv: list[str], name: str) -> dict:
+    """Temporaries and peak of the full-depth cell from compiles with 1 and 2 blocks per
+    stack: value = v(1, ..) + sum over stacks of (depth - 1) * (v(.., 2, ..) - v(1, ..))."""
+    from arjax import config as cfglib
+
+    full = run(argv + ["--mode", "state"])["model"]
+    stacks = STACKS[name.split("_")[0]]
+    ones = [f"model.{s}=1" for s in stacks]
+    base = run(argv + ["--mode", "estimate"] + [a for o in ones for a in ("--set", o)])
+    out = dict(base)
+    for s in stacks:
+        sets = [o for o in ones if not o.startswith(f"model.{s}=")] + [f"model.{s}=2"]
+        two = run(argv + ["--mode", "estimate"] + [a for o in sets for a in ("--set", o)])
+        for key in ("temp", "peak"):
+            out[key] = out[key] + (full[s] - 1) * (two[key] - base[key])
+    cfglib.check(out["temp"] >= 0, f"{name}: negative extrapolated temporaries")
+    return out
 
 
 def main(argv=None) -> None:
@@ -31,6 +56,8 @@ def main(argv=None) -> None:
     parser.add_argument("--mode", default="state", choices=("state", "estimate"))
     parser.add_argument("--mesh", default="data=-1,fsdp=8")
     parser.add_argument("--cells", default="", help="model:chips,... (default: all)")
+    parser.add_argument("--shallow", action="store_true",
+                        help="temporaries from 1- and 2-block compiles, extended linearly")
     args = parser.parse_args(argv)
     cells = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",")]
              if args.cells else [(m, n) for m in MODELS for n in (64, 256)])
@@ -46,18 +73,26 @@ def main(argv=None) -> None:
     print("| model | chips | policy | batch/device | params | Adam | EMA | state | temps "
           "| peak | max batch/device |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    run = lambda argv: plan.run(plan.parse_args(argv + ["--json"]), quiet=True)
     for name, chips in cells:
         for policy, sets in policies.items():
             argv = ["--config", MODELS[name], "--devices", str(chips), "--mesh", args.mesh,
-                    "--target", args.target, "--mode", args.mode]
+                    "--target", args.target]
             for s in sets:
                 argv += ["--set", s]
-            r = plan.run(plan.parse_args(argv + ["--json"]), quiet=True)
-            state = r["params"] + r["opt_state"] + r["ema"]
-            extra = ([gib(r["temp"]), gib(r["peak"]), str(r["max_per_device_batch"])]
-                     if "temp" in r else ["-", "-", "-"])
-            print(f"| {name} | {chips} | {policy} | {r['per_device_batch']} | "
-                  f"{gib(r['params'])} | {gib(r['opt_state'])} | {gib(r['ema'])} | "
+            full = run(argv + ["--mode", "state"])
+            r = full
+            if args.mode != "state":
+                r = shallow(run, argv, name) if args.shallow else run(argv + ["--mode",
+                                                                              args.mode])
+            state = full["params"] + full["opt_state"] + full["ema"]
+            extra = ["-", "-", "-"]
+            if "temp" in r:  # largest batch: temporaries in proportion to the batch
+                fixed, per_row = r["peak"] - r["temp"], r["temp"] / r["per_device_batch"]
+                best = int((full["hbm_bytes"] - fixed) // max(per_row, 1.0))
+                extra = [gib(r["temp"]), gib(r["peak"]), str(max(best, 0))]
+            print(f"| {name} | {chips} | {policy} | {full['per_device_batch']} | "
+                  f"{gib(full['params'])} | {gib(full['opt_state'])} | {gib(full['ema'])} | "
                   f"{gib(state)} | " + " | ".join(extra) + " |", flush=True)
 
 

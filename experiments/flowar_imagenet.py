@@ -6,6 +6,8 @@ Run:   python -m experiments.flowar_imagenet --config digits --workdir runs/flow
 Sample the official weights:  --config imagenet256_S --set flowar_ckpt=/w/FlowAR-S.pth \
            --set tokenizer_ckpt=/w/kl16.ckpt
 DiSA (fewer flow steps at later scales):  --set sample.disa_min_steps=15
+Test-time search over scales (TTS-VAR's search on FlowAR):  --set search.enabled=true
+(ImageNet needs `--set search.reward=package.module:function`)
 
 Stages: (1) train the KL-VAE (MAR's recipe was not released: L2 + a small KL term) unless
 `tokenizer_ckpt` is given, (2) encode every image once to its posterior moments (cached in the
@@ -49,8 +51,10 @@ from arjax.models import bind, param_count, split
 from arjax.models.flowar import FlowAR, FlowARConfig, flowar_config
 from arjax.optim import OptimConfig
 from arjax.sampling import flowar as flowar_sampling
+from arjax.sampling import search
 from arjax.sampling.flowar import FlowSampleConfig
 from arjax.sampling.generator import make_generator
+from arjax.sampling.search import SearchConfig
 from arjax.tokenizers.kl import KL_16, KLVAE, KLConfig, sample_posterior
 
 
@@ -65,6 +69,9 @@ class Config(ExperimentConfig):
     flowar_train: StageConfig = StageConfig()
     flowar_ckpt: str | None = None  # official FlowAR-{S,L,H}.pth: skips FlowAR training
     sample: FlowSampleConfig = FlowSampleConfig()
+    # test-time search over the 5 scales; ImageNet needs a reward function
+    search: SearchConfig = SearchConfig(batch_schedule=(8, 6, 4, 2, 1), cluster_scales=(1,),
+                                        resample_scales=(2, 3), features="inception_features")
 
 
 DIGITS = Config(
@@ -81,6 +88,8 @@ DIGITS = Config(
                                  total_steps=600, weight_decay=0.02, grad_clip=3.0)),
     sample=FlowSampleConfig(num_steps=25, cfg=2.0, guidance=0.9),
     eval_samples_per_class=40,
+    search=SearchConfig(batch_schedule=(4, 3, 2, 1), cluster_scales=(1,), resample_scales=(2,),
+                        reward="digits_reward", features="digits_features"),
 )
 
 
@@ -123,6 +132,8 @@ def validate(cfg: Config, mesh) -> None:
                  f"{cfg.tokenizer.downsample} = {latent}, got model.scales[-1]="
                  f"{cfg.model.side}")
     check_stages(cfg, mesh, "tokenizer", "flowar")
+    if cfg.search.enabled:
+        cfg.search.validate(len(cfg.model.scales))
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -151,8 +162,12 @@ def estimate_scale(moments: np.ndarray) -> float:
 
 
 def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampleConfig,
-                 latent_scale: float):
-    """params -> Generated: trunk, flow ODEs and VAE decoder in one jit."""
+                 latent_scale: float, search_cfg: SearchConfig | None = None):
+    """params -> Generated: trunk, flow ODEs and VAE decoder in one jit; with an enabled
+    `search_cfg`, the test-time search over scales (a compiled step per scale and count)."""
+    if search_cfg is not None and search_cfg.enabled:
+        return search.make_generator(lambda p: flowar_sampling.Candidates(
+            graphdef, p, vae_graphdef, vae_params, sample_cfg, latent_scale), search_cfg, mesh)
     return make_generator(lambda p, vp, key, labels: flowar_sampling.sample(
         graphdef, p, vae_graphdef, vp, key, labels, sample_cfg, latent_scale), mesh, vae_params)
 
@@ -194,7 +209,8 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
 
     model_fn = lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample, latent_scale)
+    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample, latent_scale,
+                            cfg.search)
     score = None
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
         score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,

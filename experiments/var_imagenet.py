@@ -23,6 +23,10 @@ its scales only, distilled from the model's logits (KL at temperature
 `refiner_kd_temperature`, mixed with cross-entropy by `refiner_ce_weight`; CoDe released no
 training script, this follows the paper). The digits preset has a 2-block refiner:
 `--set draft_steps=4`.
+
+TTS-VAR (test-time search): `--set search.enabled=true` samples the report and the scores by
+`arjax.sampling.search` (the digits preset searches 4 candidates per image with the digits
+classifier's reward; ImageNet needs `--set search.reward=package.module:function`).
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ from arjax.images import to_float
 from arjax.models import bind, param_count, split
 from arjax.models.var import VAR, VARConfig, var_config
 from arjax.optim import OptimConfig
+from arjax.sampling import search
 from arjax.sampling import var as var_sampling
 from arjax.sampling.generator import make_generator
+from arjax.sampling.search import SearchConfig
 from arjax.sampling.var import VARSampleConfig
 from arjax.tokenizers.msvq import VAR_VAE, MSVQConfig, MultiScaleVQVAE
 
@@ -91,6 +97,8 @@ class Config(ExperimentConfig):
     refiner_ce_weight: float = 0.0  # a: a CE + (1 - a) T^2 KL(teacher_T || refiner_T)
     refiner_kd_temperature: float = 1.0  # T; the teacher is the trained `model`
     drafter_own_scales: bool = False  # CoDe's drafter fine-tune: CE on scales 0..N-1 only
+    # TTS-VAR: samples (report, scores) by test-time search; ImageNet needs a reward function
+    search: SearchConfig = SearchConfig(features="inception_features")
 
 
 DIGITS = Config(
@@ -105,6 +113,9 @@ DIGITS = Config(
                                                             b2=0.95, grad_clip=2.0)),
     sample=VARSampleConfig(cfg=2.5, top_k=0, top_p=1.0),
     eval_samples_per_class=40,
+    search=SearchConfig(batch_schedule=(4, 4, 3, 2, 2, 1), cluster_scales=(2,),
+                        resample_scales=(3, 4), reward="digits_reward",
+                        features="digits_features"),
     refiner=VARConfig(depth=2, width=48, heads=2, aln_gamma_init=0.5),
     refiner_train=StageConfig(steps=400, batch_size=64, log_every=100, ckpt_every=200,
                               optim=OptimConfig(lr=1e-3, warmup_steps=50, b2=0.95,
@@ -177,6 +188,10 @@ def validate(cfg: Config, mesh) -> None:
     cfglib.check(0 <= cfg.draft_steps < scales,
                  f"draft_steps={cfg.draft_steps} must be in [0, {scales - 1}] (0 = plain VAR; "
                  "N = CoDe: the model drafts N scales, the refiner the rest)")
+    if cfg.search.enabled:
+        cfg.search.validate(scales)
+        cfglib.check(not cfg.draft_steps, "search.enabled (TTS-VAR) runs one VAR: set "
+                     "draft_steps=0")
     if cfg.draft_steps:
         cfglib.check(cfg.refiner is not None, "draft_steps > 0 (CoDe) needs a refiner config")
         cfg.refiner.validate()
@@ -240,9 +255,13 @@ def make_var_loss(quantizer, first_scale: int = 0, teacher_graphdef=None,
 
 
 def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: VARSampleConfig,
-                 draft_steps: int = 0, refiner=None):
+                 draft_steps: int = 0, refiner=None, search_cfg: SearchConfig | None = None):
     """params -> Generated: the whole sampler incl. the decoder in one jit; with
-    `draft_steps` > 0, CoDe with `refiner` = (graphdef, params) finishing the scales."""
+    `draft_steps` > 0, CoDe with `refiner` = (graphdef, params) finishing the scales; with an
+    enabled `search_cfg`, TTS-VAR (a compiled step per scale and candidate count)."""
+    if search_cfg is not None and search_cfg.enabled:
+        return search.make_generator(lambda p: var_sampling.Candidates(
+            graphdef, p, vae_graphdef, vae_params, sample_cfg), search_cfg, mesh)
     if not draft_steps:
         return make_generator(lambda p, vp, key, labels: var_sampling.sample(
             graphdef, p, vae_graphdef, vp, key, labels, sample_cfg), mesh, vae_params)
@@ -288,7 +307,8 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     quantizer = split(bind(vae_graphdef, vae_params).quantize)
     model_fn = lambda: VAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
     graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample)
+    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample,
+                            search_cfg=cfg.search)
     digits = cfg.data.name == "digits" and cfg.eval_samples_per_class
     scorer = lambda gen: digits_scorer(gen, cfg.model.num_classes, cfg.eval_samples_per_class,
                                        cfg.seed, train_source.images) if digits else None
@@ -311,7 +331,8 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         score = scorer(generate)
     summary["var/params"] = param_count(params)
     return dict(generate=generate, params=params, summary=summary, score=score,
-                step=cfg.var_train.steps)
+                step=cfg.var_train.steps, model=(graphdef, params),
+                vae=(vae_graphdef, vae_params))
 
 
 def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None

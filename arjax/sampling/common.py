@@ -116,3 +116,8 @@ def sample_token(key: jax.Array, logits: jax.Array, cfg: SampleConfig
     token = jax.random.categorical(key, logits, axis=-1)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
     return token.astype(jnp.int32), logp[:, 0]
+
+
+def doubled_rows(rows: jax.Array, batch: int, guided: bool) -> jax.Array:
+    """Candidate rows -> their rows in a CFG-doubled [cond; null] batch of `batch` pairs."""
+    return jnp.concatenate([rows, rows + batch]) if guided else rows

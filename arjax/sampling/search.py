@@ -1,45 +1,50 @@
-"""TTS-VAR (arXiv 2507.18537): test-time search over the scales of a class-conditional VAR.
+"""Test-time search over the scales of a class-conditional scale-wise generator: TTS-VAR
+(arXiv 2507.18537) for VAR, and the same search over FlowAR's scales (no published version).
 
 Each label starts with C candidate paths; after every scale the number kept follows a
 descending schedule (`batch_schedule`, the paper's `bs_sis`). A decrease happens only at a
 *cluster* scale (coarse: structure features of the decoded candidates, k-means into the next
 count, the member nearest each centroid is kept: diversity) or a *resample* scale (fine:
 rewards -> potentials exp(lambda R), multinomial draw with replacement: quality). The final
-image of each label is the candidate of highest reward. Selection gathers the whole decoding
-state (KV caches of both CFG halves, f_hat, next input, codes so far) with one pytree gather;
-every (scale, candidate count) has its own compiled step, so shapes stay static.
+image of each label is the candidate of highest reward. A family supplies `Candidates`
+(start / step / gather / outputs): selection gathers its whole decoding state (KV caches of
+both CFG halves, f_hat or the last level, next input, codes) with one pytree gather, and every
+(scale, candidate count) has its own compiled step, so shapes stay static.
 
 `features(images) -> [N, P, D]` (spatial features: the paper's DINOv2 patch tokens) and
-`reward(images, labels) -> [N]` are plain host functions; `digits_features` /
-`digits_reward` use the project's digits classifier.
+`reward(images, labels) -> [N]` are plain host functions; `hook(name)` resolves the provided
+ones (the digits classifier's, the project's Inception-v3 features) or `module:function`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax.config import check
-from arjax.models import bind
-from arjax.nn.scales import scale_bounds
-from arjax.sampling.generator import Samples
-from arjax.sampling.var import VARSampleConfig, _draw, _start
+from arjax import sharding
+from arjax.config import ConfigError, check
+from arjax.images import to_uint8
+from arjax.sampling.generator import Generated, Samples
 
 POTENTIALS = ("value", "diff", "max", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
+    enabled: bool = False  # experiments: sample (report, scores) with the search
     batch_schedule: tuple[int, ...] = (8, 8, 6, 6, 4, 2, 2, 1, 1, 1)  # kept after each scale
     cluster_scales: tuple[int, ...] = (2, 4)  # diversity (k-means on structure features)
     resample_scales: tuple[int, ...] = (5, 7)  # potentials exp(lambda R), with replacement
     potential: str = "value"  # value | diff (R_t - R_t-1) | max (over history) | sum
     lam: float = 10.0
+    reward: str = ""  # a `hook` name or package.module:function (experiments)
+    features: str = ""  # idem; used at cluster scales
+    seed: int = 0  # of the resampling draws
 
     def validate(self, scales: int) -> None:
         s = self.batch_schedule
@@ -104,92 +109,99 @@ def cluster_select(vectors: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(picks)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "vae_graphdef", "k", "cfg", "batch",
-                                             "decode"))
-def _scale_step(graphdef, params, vae_graphdef, vae_params, state, labels, key, k: int,
-                cfg: VARSampleConfig, batch: int, decode: bool = True):
-    """Scale k for `batch` candidates: -> (state with this scale's codes, the decoded images
-    when `decode`, else None: only selection scales and the last need them)."""
-    model, vae = bind(graphdef, params), bind(vae_graphdef, vae_params)
-    mcfg = model.cfg
-    scales, side = len(mcfg.patch_nums), mcfg.patch_nums[-1]
-    begin, end = scale_bounds(mcfg.patch_nums)[k]
-    s = _start(model, labels, cfg.cfg != 1)
-    logits, cache = model.decode_scale(state["x"], s.cond, s.block_cond, state["cache"], begin)
-    codes, h = _draw(logits, k, key, cfg, batch, scales,
-                     vae.quantize.embedding.embedding[...])
-    f_hat, nxt = vae.quantize.next_input(k, state["f_hat"], h, side)
-    x = state["x"]
-    if nxt is not None:
-        x = model.embed(None, jnp.concatenate([nxt, nxt]) if cfg.cfg != 1 else nxt, end)
-    new = {"cache": cache, "f_hat": f_hat, "x": x,
-           "codes": state["codes"].at[:, begin:end].set(codes)}
-    return new, vae.decode_f_hat(f_hat) if decode else None
-
-
-def gather(state: dict, rows: np.ndarray, guided: bool) -> dict:
-    """Keeps candidates `rows` of every array of the decoding state: the batch axis of f_hat
-    and codes, and rows (i, B + i) of the doubled CFG batch of the caches and the input."""
-    batch = state["f_hat"].shape[0]
-    rows = jnp.asarray(rows)
-    doubled = jnp.concatenate([rows, rows + batch]) if guided else rows
-    return {"cache": jax.tree.map(lambda a: a[doubled], state["cache"]),
-            "x": state["x"][doubled], "f_hat": state["f_hat"][rows],
-            "codes": state["codes"][rows]}
-
-
-def search_sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array,
-                  labels: np.ndarray, cfg: VARSampleConfig, search: SearchConfig,
-                  reward: Callable, features: Callable | None = None, seed: int = 0
-                  ) -> tuple[Samples, dict]:
-    """TTS-VAR for each label: -> (Samples of the chosen candidates, search stats: token
-    passes and VAE decodes per final image, the final rewards)."""
-    model = bind(graphdef, params)
-    mcfg = model.cfg
-    scales, side = len(mcfg.patch_nums), mcfg.patch_nums[-1]
-    cfg.validate(mcfg.vocab_size, scales)
-    search.validate(scales)
-    check(not search.cluster_scales or features is not None,
+def search(candidates, key: jax.Array, labels: np.ndarray, cfg: SearchConfig,
+           reward: Callable, features: Callable | None = None, mesh=None
+           ) -> tuple[Samples, dict]:
+    """The search for each label over a scale-wise family's `candidates` (`sampling.var.
+    Candidates` or `sampling.flowar.Candidates`: start / step / gather / outputs) -> (Samples
+    of the chosen candidates, stats: every counted cost per final image, VAE decodes per final
+    image, the final mean reward). With a `mesh`, candidates are replicated over it (weights
+    keep their sharding) and every process runs the same search."""
+    scales = candidates.scales
+    cfg.validate(scales)
+    check(not cfg.cluster_scales or features is not None,
           "search.cluster_scales need a features function")
     labels = np.asarray(labels, np.int32)
-    n_labels, guided = len(labels), cfg.cfg != 1
-    count = search.batch_schedule[0]
+    n_labels, count = len(labels), cfg.batch_schedule[0]
     rows_labels = np.repeat(labels, count)
-    rng = np.random.default_rng(seed)
-    s = _start(model, jnp.asarray(rows_labels), guided)
-    state = {"cache": s.cache, "x": model.embed(s.cond, None, 0),
-             "f_hat": jnp.zeros((len(rows_labels), side, side, mcfg.codebook_dim)),
-             "codes": jnp.zeros((len(rows_labels), mcfg.seq_len), jnp.int32)}
+    rng = np.random.default_rng(cfg.seed)
+    put = (jnp.asarray if mesh is None else
+           lambda x: sharding.from_host(x, mesh, sharding.replicated(mesh)))
+    state = candidates.start(put(rows_labels))
     history: list[np.ndarray] = []  # rewards [labels, count] at each scored scale
-    tokens = decodes = 0
+    totals: dict[str, int] = {"vae_decodes": 0}
     for k in range(scales):
-        n = len(rows_labels)
-        select = k in search.cluster_scales or k in search.resample_scales or k == scales - 1
-        state, images = _scale_step(graphdef, params, vae_graphdef, vae_params, state,
-                                    jnp.asarray(rows_labels), key, k, cfg, n, select)
-        tokens += n * (2 if guided else 1) * mcfg.patch_nums[k] ** 2
-        decodes += n if select else 0
-        keep, picks = search.batch_schedule[k], None
-        if k in search.cluster_scales:
+        select = k in cfg.cluster_scales or k in cfg.resample_scales or k == scales - 1
+        state, images, cost = candidates.step(state, put(rows_labels), key, k, select)
+        for name, value in {**cost, "vae_decodes": len(rows_labels) * select}.items():
+            totals[name] = totals.get(name, 0) + int(value)
+        keep, picks = cfg.batch_schedule[k], None
+        if k in cfg.cluster_scales:
             vectors = structure_vectors(features(np.asarray(images)))
             picks = [cluster_select(v, keep) for v in vectors.reshape(n_labels, count, -1)]
-        if k in search.resample_scales or k == scales - 1:
+        if k in cfg.resample_scales or k == scales - 1:
             r = np.asarray(reward(np.asarray(images), rows_labels), np.float64)
             history.append(r.reshape(n_labels, count))
             if k == scales - 1:
                 keep, picks = 1, [np.array([np.argmax(h)]) for h in history[-1]]
             else:
                 h = np.stack(history)
-                picks = [resample(rng, potentials(h[:, i], search.potential, search.lam),
-                                  keep) for i in range(n_labels)]
-        if picks is None or (keep == count and k == scales - 1 and count == 1):
+                picks = [resample(rng, potentials(h[:, i], cfg.potential, cfg.lam), keep)
+                         for i in range(n_labels)]
+        if picks is None or count == 1:
             continue
         picks = np.stack(picks)  # [labels, keep], candidate indices within each label
-        rows = (np.arange(n_labels)[:, None] * count + picks).ravel()
-        state, images = gather(state, rows, guided), images[jnp.asarray(rows)]
+        rows = put((np.arange(n_labels)[:, None] * count + picks).ravel())
+        state, images = candidates.gather(state, rows), images[rows]
         history = [h[np.arange(n_labels)[:, None], picks] for h in history]
         rows_labels, count = np.repeat(labels, keep), keep
-    stats = {"token_passes_per_image": tokens / n_labels,
-             "vae_decodes_per_image": decodes / n_labels,
-             "reward": float(np.mean(history[-1])) if history else float("nan")}
-    return Samples(images, {"codes": state["codes"]}, {}), stats
+    stats = {f"{name}_per_image": value / n_labels for name, value in totals.items()}
+    stats["reward"] = float(np.mean(history[-1]))
+    return Samples(images, candidates.outputs(state), {}), stats
+
+
+def hook(name: str) -> Callable:
+    """A reward or features function by name: `digits_reward` (log p(label | image) under the
+    digits classifier), `digits_features` (its 4x4 feature-map patches), `inception_features`
+    (Inception-v3's mixed_6/conv map, 17x17 patches), or `package.module:function`."""
+    if name in ("digits_reward", "digits_features"):
+        from arjax.metrics.digits import DigitsEvaluator
+
+        evaluator = DigitsEvaluator.load()
+        return evaluator.log_prob if name == "digits_reward" else evaluator.spatial_features
+    if name == "inception_features":
+        from arjax.evaluate import inception_features
+
+        return lambda images: inception_features(to_uint8(images), progress=False)[
+            "spatial"].reshape(len(images), 17 * 17, -1)
+    module, _, function = name.partition(":")
+    check(bool(module and function), f"search hook {name!r}: use digits_reward, "
+          "digits_features, inception_features or package.module:function")
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"search hook {name!r} cannot be imported: {e}") from None
+
+
+def make_generator(candidates_fn: Callable, cfg: SearchConfig, mesh
+                   ) -> Callable[[object, np.ndarray, jax.Array], Generated]:
+    """The experiments' `generate(params, labels, key) -> Generated` contract with the search
+    in place of plain sampling: `candidates_fn(params)` builds the family's Candidates; the
+    reward and features come from `cfg.reward` / `cfg.features` (`hook`); the stats are the
+    search's counted costs per image and the wall-clock `seconds`."""
+    check(bool(cfg.reward), "search.reward is empty: set a reward function, "
+          "package.module:function taking (images [N,H,W,3] in [-1, 1], labels [N]) -> [N] "
+          "(e.g. an ImageNet classifier's log-probability; no weights ship offline)")
+    reward = hook(cfg.reward)
+    features = hook(cfg.features) if cfg.cluster_scales else None
+
+    def generate(params, labels: np.ndarray, key: jax.Array) -> Generated:
+        t0 = time.perf_counter()
+        out, stats = search(candidates_fn(params), key, labels, cfg, reward, features, mesh)
+        images = to_uint8(np.asarray(out.images))  # replicated: every process holds them
+        return Generated(images, {k: np.asarray(v) for k, v in out.aux.items()},
+                         {**stats, "seconds": time.perf_counter() - t0})
+
+    return generate

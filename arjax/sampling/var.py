@@ -19,6 +19,7 @@ CoDe's temperature-after-filter order as an option) apply to both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -27,7 +28,13 @@ import jax.numpy as jnp
 from arjax.config import check
 from arjax.models import bind
 from arjax.nn.scales import scale_bounds
-from arjax.sampling.common import cfg_combine, cfg_weight, check_guidance, filter_logits
+from arjax.sampling.common import (
+    cfg_combine,
+    cfg_weight,
+    check_guidance,
+    doubled_rows,
+    filter_logits,
+)
 from arjax.sampling.generator import Samples
 
 
@@ -172,3 +179,73 @@ def _decode(models, vae, key, labels, cfg: VARSampleConfig) -> Samples:
     if len(models) > 1:
         stats["target_passes"] = stats["drafter_passes"] + stats["refiner_passes"]
     return Samples(vae.decode_f_hat(f_hat), {"codes": jnp.concatenate(codes, axis=1)}, stats)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "vae_graphdef", "k", "cfg", "decode"))
+def _scale_step(graphdef, params, vae_graphdef, vae_params, state: dict, labels, key, k: int,
+                cfg: VARSampleConfig, decode: bool):
+    """Scale k for the candidates `labels`: -> (state with this scale's codes, the decoded
+    images when `decode`, else None, tokens through the transformer)."""
+    model, vae = bind(graphdef, params), bind(vae_graphdef, vae_params)
+    mcfg = model.cfg
+    batch, scales, side = labels.shape[0], len(mcfg.patch_nums), mcfg.patch_nums[-1]
+    begin, end = scale_bounds(mcfg.patch_nums)[k]
+    s = _start(model, labels, cfg.cfg != 1)
+    logits, cache = model.decode_scale(state["x"], s.cond, s.block_cond, state["cache"], begin)
+    codes, h = _draw(logits, k, key, cfg, batch, scales, vae.quantize.embedding.embedding[...])
+    f_hat, nxt = vae.quantize.next_input(k, state["f_hat"], h, side)
+    x = state["x"]
+    if nxt is not None:
+        x = model.embed(None, jnp.concatenate([nxt, nxt]) if cfg.cfg != 1 else nxt, end)
+    new = {"cache": cache, "f_hat": f_hat, "x": x,
+           "codes": state["codes"].at[:, begin:end].set(codes)}
+    images = vae.decode_f_hat(f_hat) if decode else None
+    return new, images, {"token_passes": jnp.int32(state["x"].shape[0] * state["x"].shape[1])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """VAR decoded one scale at a time for a batch of candidates (`sampling.search`): the
+    state is the KV caches of both CFG halves, f_hat, the next input and the codes so far."""
+    graphdef: object
+    params: object
+    vae_graphdef: object
+    vae_params: object
+    cfg: VARSampleConfig
+
+    def __post_init__(self):
+        _check_pair(self.model, bind(self.vae_graphdef, self.vae_params))
+        self.cfg.validate(self.model.cfg.vocab_size, self.scales)
+
+    @functools.cached_property
+    def model(self):
+        return bind(self.graphdef, self.params)
+
+    @property
+    def scales(self) -> int:
+        return len(self.model.cfg.patch_nums)
+
+    def start(self, labels: jax.Array) -> dict:
+        model, mcfg = self.model, self.model.cfg
+        side = mcfg.patch_nums[-1]
+        s = _start(model, labels, self.cfg.cfg != 1)
+        return {"cache": s.cache, "x": model.embed(s.cond, None, 0),
+                "f_hat": jnp.zeros((labels.shape[0], side, side, mcfg.codebook_dim)),
+                "codes": jnp.zeros((labels.shape[0], mcfg.seq_len), jnp.int32)}
+
+    def step(self, state: dict, labels: jax.Array, key: jax.Array, k: int, decode: bool):
+        """-> (state, images in [-1, 1] or None, counted cost of the step)."""
+        return _scale_step(self.graphdef, self.params, self.vae_graphdef, self.vae_params,
+                           state, labels, key, k, self.cfg, decode)
+
+    def gather(self, state: dict, rows: jax.Array) -> dict:
+        """Keeps candidates `rows`: the batch axis of f_hat and codes, rows (i, B + i) of the
+        doubled CFG batch of the caches and the input."""
+        doubled = doubled_rows(rows, state["f_hat"].shape[0], self.cfg.cfg != 1)
+        return {"cache": jax.tree.map(lambda a: a[doubled], state["cache"]),
+                "x": state["x"][doubled], "f_hat": state["f_hat"][rows],
+                "codes": state["codes"][rows]}
+
+    def outputs(self, state: dict) -> dict:
+        return {"codes": state["codes"]}
+
