@@ -162,7 +162,7 @@ def imagenet_code(draft_steps: int) -> Config:
     return dataclasses.replace(
         base, draft_steps=draft_steps, refiner=var_config(16),
         refiner_train=dataclasses.replace(imagenet(16).var_train),
-        samples_per_class=50,
+        fid_samples_per_class=50,
         sample=VARSampleConfig(cfg=2.5, top_k=600, top_p=0.96,
                                temperature=(1.1,) * 7 + (1.0,) * 3,
                                temperature_after_filter=True))

@@ -158,3 +158,29 @@ def test_help_does_not_import_torch():
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--tag" in out.stdout
+
+
+def test_fid_samples_cover_every_class_in_chunks(tmp_path):
+    """7 classes x 3 in chunks of 4: every image once, in class order, the last chunk filled
+    up with repeated labels and one batch shape; the .npz is what arjax.evaluate reads."""
+    from arjax.evaluate import load_images
+    from arjax.sampling.generator import Generated
+
+    calls = []
+
+    def generate(params, labels, key):  # images encode their label and the chunk's key
+        calls.append(labels.copy())
+        images = np.zeros((len(labels), 4, 4, 3), np.uint8)
+        images[..., 0] = labels[:, None, None]
+        images[..., 1] = jax.random.randint(key, (), 0, 255)
+        return Generated(images, {}, {"seconds": 0.5})
+
+    path = str(tmp_path / "fid_samples.npz")
+    out = outputs.fid_samples(generate, None, path, 7, 3, 4, seed=0, progress=False)
+    assert out["fid/images"] == 21 and out["fid/seconds"] == 0.5 * 6
+    assert [len(c) for c in calls] == [4] * 6 and list(calls[-1]) == [6, 6, 6, 6]
+    images, labels = load_images(path)
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(7), 3))
+    np.testing.assert_array_equal(images[:, 0, 0, 0], labels)
+    assert len(set(images[::4, 0, 0, 1])) > 1  # each chunk has its own key
+    assert not os.path.exists(path + ".partial.npy")

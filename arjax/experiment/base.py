@@ -23,6 +23,8 @@ class ExperimentConfig:
     samples_per_class: int = 8  # for the PNG grid
     eval_samples_per_class: int = 0  # digits: samples scored by the digits evaluator
     sample_classes: tuple[int, ...] = tuple(range(10))
+    fid_samples_per_class: int = 0  # FID protocol (ImageNet: 50): every class, .npz for
+    fid_batch: int = 250  # `arjax.evaluate`, sampled this many images at a time
     encode_batch: int = 256  # images per call when a split is tokenized once
     mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1))
     param_sharding: str = "fsdp"  # weight layout on the mesh (arjax.sharding.RULE_SETS)

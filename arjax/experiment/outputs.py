@@ -97,6 +97,36 @@ def save_samples(outdir: str, generated, labels: np.ndarray, per_row: int, step:
     write_json(f"{outdir}/summary.json", {"config": cfglib.to_dict(config), **summary})
 
 
+def fid_samples(generate, params, path: str, num_classes: int, per_class: int, batch: int,
+                seed: int, progress: bool = True) -> dict:
+    """The FID protocol's samples: `per_class` images of every class in class order (ADM's
+    50 x 1000), sampled `batch` at a time (the last chunk filled up with repeated labels, so
+    one compiled shape) and streamed to `path` (.npz: `arr_0` uint8 [N,H,W,3], `labels`), the
+    file `python -m arjax.evaluate --samples` reads. Memory holds one chunk."""
+    from tqdm.auto import tqdm
+
+    labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+    main = distributed.is_main()
+    partial, images, seconds = f"{path}.partial.npy", None, 0.0
+    key = jax.random.key(seed + 2)
+    chunks = range(0, len(labels), batch)
+    for i, start in enumerate(tqdm(chunks, desc="FID samples", disable=not (progress and main))):
+        chunk = labels[start:start + batch]
+        out = generate(params, np.resize(chunk, batch), jax.random.fold_in(key, i))
+        seconds += out.stats["seconds"]
+        if not main:
+            continue
+        if images is None:
+            images = np.lib.format.open_memmap(partial, "w+", np.uint8,
+                                               (len(labels), *out.images.shape[1:]))
+        images[start:start + len(chunk)] = out.images[:len(chunk)]
+    if main:
+        np.savez(path, arr_0=images, labels=labels)
+        del images
+        os.remove(partial)
+    return {"fid/images": len(labels), "fid/seconds": seconds, "fid/samples": path}
+
+
 def report(generate, params, cfg, workdir: str | None, summary: dict, step: int,
            score=None, tag: str | None = None) -> dict:
     """Scores the model (digits) and samples `cfg.samples_per_class` images of each of
@@ -112,8 +142,14 @@ def report(generate, params, cfg, workdir: str | None, summary: dict, step: int,
     generated = generate(params, labels, jax.random.key(cfg.seed))
     summary.update({"sample/images": len(labels),
                     **{f"sample/{k}": v for k, v in generated.stats.items()}})
+    outdir = None
     if workdir and distributed.is_main():
         outdir = report_dir(workdir, tag or f"step{step}")
-        save_samples(outdir, generated, labels, cfg.samples_per_class, step, summary, cfg)
         summary["report_dir"] = outdir
+    if cfg.fid_samples_per_class:  # every process samples; process 0 writes
+        path = os.path.join(outdir or workdir or ".", "fid_samples.npz")
+        summary.update(fid_samples(generate, params, path, cfg.model.num_classes,
+                                   cfg.fid_samples_per_class, cfg.fid_batch, cfg.seed))
+    if outdir:
+        save_samples(outdir, generated, labels, cfg.samples_per_class, step, summary, cfg)
     return {**summary, "images": generated.images, "labels": labels}

@@ -150,6 +150,9 @@ def check_sampling(cfg, num_classes: int, mesh) -> None:
     cfglib.check(all(0 <= c < num_classes for c in cfg.sample_classes),
                  f"sample_classes must lie in [0, {num_classes})")
     cfglib.check(cfg.encode_batch >= 1, f"encode_batch must be >= 1, got {cfg.encode_batch}")
+    cfglib.check(cfg.fid_samples_per_class >= 0, "fid_samples_per_class must be >= 0")
+    if cfg.fid_samples_per_class:
+        sharding.check_batch(cfg.fid_batch, mesh, "fid_batch")
     sharding.check_batch(cfg.samples_per_class * len(cfg.sample_classes), mesh,
                          "samples_per_class * len(sample_classes)")
     if cfg.data.name == "digits" and cfg.eval_samples_per_class:
