@@ -59,7 +59,9 @@ def run_experiment(build, cfg, workdir: str | None, progress: bool = True,
     """`build(cfg, workdir, progress)` (train, resume or load every stage) under the work-dir
     lock, then `outputs.report` into a new `<workdir>/samples/<tag>/`."""
     with workdir_lock(workdir):
-        return report(cfg=cfg, workdir=workdir, tag=tag, **build(cfg, workdir, progress))
+        built = build(cfg, workdir, progress)  # may hold more (the models) for other callers
+        return report(built["generate"], built["params"], cfg, workdir, built["summary"],
+                      built["step"], built.get("score"), tag)
 
 
 def exit_on_user_error(main: Callable[[], object]) -> object:
