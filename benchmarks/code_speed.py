@@ -44,17 +44,21 @@ def build(depth: int, seed: int, dtype: str):
 
 
 def samplers(large, small, vae, steps):
-    """N -> jitted (key, labels) -> codes (N = 0: the large model alone), and the decoder."""
+    """N -> jitted (weights, key, labels) -> codes (N = 0: the large model alone), and the
+    decoder (vae weights, codes) -> images. Weights are jit arguments, never constants."""
     out = {}
     for n in (0, *steps):
-        def fn(key, labels, n=n):
+        def fn(weights, key, labels, n=n):
+            (lp, sp, vp) = weights
             if n == 0:
-                return var_sampling.sample(*large, *vae, key, labels, SAMPLE).aux["codes"]
-            return var_sampling.sample_collaborative(large, small, *vae, key, labels, SAMPLE,
-                                                     n).aux["codes"]
+                return var_sampling.sample(large[0], lp, vae[0], vp, key, labels,
+                                           SAMPLE).aux["codes"]
+            return var_sampling.sample_collaborative((large[0], lp), (small[0], sp), vae[0], vp,
+                                                     key, labels, SAMPLE, n).aux["codes"]
         out[n] = jax.jit(fn)
     bounds = scale_bounds(VAR_VAE.patch_nums)
-    decode = jax.jit(lambda codes: bind(*vae).decode([codes[:, b:e] for b, e in bounds]))
+    decode = jax.jit(lambda vp, codes: bind(vae[0], vp).decode(
+        [codes[:, b:e] for b, e in bounds]))
     return out, decode
 
 
@@ -79,20 +83,21 @@ def main(argv=None) -> None:
     for batch in args.batches:
         labels = jnp.arange(batch, dtype=jnp.int32) % 1000
         fns, decode = samplers(large, small, vae, args.steps)
+        weights = (large[1], small[1], vae[1])
         compile_s = {}
         for n, fn in fns.items():
             t0 = time.perf_counter()
-            codes = jax.block_until_ready(fn(jax.random.key(0), labels))
+            codes = jax.block_until_ready(fn(weights, jax.random.key(0), labels))
             compile_s[n] = time.perf_counter() - t0
-        jax.block_until_ready(decode(codes))
+        jax.block_until_ready(decode(vae[1], codes))
         times, decode_times = {n: [] for n in fns}, []
         for r in range(args.rounds):
             for n, fn in fns.items():
                 t0 = time.perf_counter()
-                codes = jax.block_until_ready(fn(jax.random.key(r + 1), labels))
+                codes = jax.block_until_ready(fn(weights, jax.random.key(r + 1), labels))
                 times[n].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            jax.block_until_ready(decode(codes))
+            jax.block_until_ready(decode(vae[1], codes))
             decode_times.append(time.perf_counter() - t0)
         dec = statistics.median(decode_times)
         base = statistics.median(times[0])
