@@ -123,6 +123,7 @@ def test_one_candidate_per_label_is_plain_var_sampling():
     assert stats["token_passes_per_image"] == 2 * sum(p * p for p in PATCH)
 
 
+@pytest.mark.slow  # 95 s on 2 busy cores; the gather test below stays in the quick suite
 def test_one_candidate_per_label_is_plain_flowar_sampling():
     model, vae = flowar_models()
     labels = np.array([0, 2, 1])
