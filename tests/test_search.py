@@ -256,6 +256,7 @@ def brightness(images, labels):
     return np.asarray(images).mean(axis=(1, 2, 3))
 
 
+@pytest.mark.slow  # 70 s: compiles a FlowAR step per scale and count
 def test_experiment_generator_searches_with_a_named_reward():
     from arjax import sharding
 
