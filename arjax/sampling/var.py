@@ -149,30 +149,22 @@ def _decode(models, vae, key, labels, cfg: VARSampleConfig) -> Samples:
     scales, side = len(mcfg.patch_nums), mcfg.patch_nums[-1]
     cfg.validate(mcfg.vocab_size, scales)
     batch, guided = labels.shape[0], cfg.cfg != 1
-    double = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
-    bounds = scale_bounds(mcfg.patch_nums)
     f_hat = jnp.zeros((batch, side, side, mcfg.codebook_dim))
-    codebook = vae.quantize.embedding.embedding[...]
     codes, inputs, stats, start = [], [], {}, 0
     for i, (model, count) in enumerate(models):
         s = _start(model, labels, guided)
         x = model.embed(s.cond, None, 0)
         if inputs:  # the next-scale inputs of scales 1..start: one prefill pass
-            x = jnp.concatenate([x, model.embed(None, double(jnp.concatenate(inputs, 1)), 1)],
-                                axis=1)
+            x = jnp.concatenate(
+                [x, model.embed(None, _doubled(jnp.concatenate(inputs, 1), guided), 1)], axis=1)
         calls = 0
         for k in range(start, start + count):
-            begin, end = bounds[k]
-            logits, cache = model.decode_scale(x, s.cond, s.block_cond, s.cache,
-                                               begin if k > start else 0)
+            cache, scale_codes, f_hat, nxt, x = _scale(model, vae, s, x, f_hat, k,
+                                                        key, cfg, k > start)
             s, calls = s._replace(cache=cache), calls + 1
-            scale_codes, h = _draw(logits[:, begin - end:], k, key, cfg, batch, scales,
-                                   codebook)
             codes.append(scale_codes)
-            f_hat, nxt = vae.quantize.next_input(k, f_hat, h, side)
             if nxt is not None:
                 inputs.append(nxt)
-                x = model.embed(None, double(nxt), end)
         start += count
         name = ("drafter_passes", "refiner_passes")[i] if len(models) > 1 else "target_passes"
         stats[name] = jnp.int32(calls)  # a prefill is one call
@@ -181,23 +173,37 @@ def _decode(models, vae, key, labels, cfg: VARSampleConfig) -> Samples:
     return Samples(vae.decode_f_hat(f_hat), {"codes": jnp.concatenate(codes, axis=1)}, stats)
 
 
+def _doubled(x: jax.Array, guided: bool) -> jax.Array:
+    return jnp.concatenate([x, x]) if guided else x
+
+
+def _scale(model, vae, s: _Stream, x, f_hat, k: int, key, cfg: VARSampleConfig,
+           cached: bool = True):
+    """Scale k: the transformer over input `x` (the scale's own tokens, or after a prefill
+    every earlier scale's too: `cached` False starts at position 0), the draw, the residual
+    update of f_hat and the next scale's input. -> (cache, codes, f_hat, next input before
+    embedding or None after the last scale, embedded next input or None)."""
+    mcfg = model.cfg
+    scales, side = len(mcfg.patch_nums), mcfg.patch_nums[-1]
+    begin, end = scale_bounds(mcfg.patch_nums)[k]
+    logits, cache = model.decode_scale(x, s.cond, s.block_cond, s.cache, begin if cached else 0)
+    codes, h = _draw(logits[:, begin - end:], k, key, cfg, f_hat.shape[0], scales,
+                     vae.quantize.embedding.embedding[...])
+    f_hat, nxt = vae.quantize.next_input(k, f_hat, h, side)
+    x = None if nxt is None else model.embed(None, _doubled(nxt, cfg.cfg != 1), end)
+    return cache, codes, f_hat, nxt, x
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "vae_graphdef", "k", "cfg", "decode"))
 def _scale_step(graphdef, params, vae_graphdef, vae_params, state: dict, labels, key, k: int,
                 cfg: VARSampleConfig, decode: bool):
     """Scale k for the candidates `labels`: -> (state with this scale's codes, the decoded
     images when `decode`, else None, tokens through the transformer)."""
     model, vae = bind(graphdef, params), bind(vae_graphdef, vae_params)
-    mcfg = model.cfg
-    batch, scales, side = labels.shape[0], len(mcfg.patch_nums), mcfg.patch_nums[-1]
-    begin, end = scale_bounds(mcfg.patch_nums)[k]
-    s = _start(model, labels, cfg.cfg != 1)
-    logits, cache = model.decode_scale(state["x"], s.cond, s.block_cond, state["cache"], begin)
-    codes, h = _draw(logits, k, key, cfg, batch, scales, vae.quantize.embedding.embedding[...])
-    f_hat, nxt = vae.quantize.next_input(k, state["f_hat"], h, side)
-    x = state["x"]
-    if nxt is not None:
-        x = model.embed(None, jnp.concatenate([nxt, nxt]) if cfg.cfg != 1 else nxt, end)
-    new = {"cache": cache, "f_hat": f_hat, "x": x,
+    begin, end = scale_bounds(model.cfg.patch_nums)[k]
+    s = _start(model, labels, cfg.cfg != 1)._replace(cache=state["cache"])
+    cache, codes, f_hat, _, x = _scale(model, vae, s, state["x"], state["f_hat"], k, key, cfg)
+    new = {"cache": cache, "f_hat": f_hat, "x": state["x"] if x is None else x,
            "codes": state["codes"].at[:, begin:end].set(codes)}
     images = vae.decode_f_hat(f_hat) if decode else None
     return new, images, {"token_passes": jnp.int32(state["x"].shape[0] * state["x"].shape[1])}
