@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from arjax.config import check
+from arjax.sharding import path_str
 
 SCHEDULES = ("constant", "cosine", "lin0")
 
@@ -29,6 +30,7 @@ class OptimConfig:
     end_ratio: float = 0.0  # lr ratio at the last step (VAR wpe), cosine and lin0
     schedule: str = "constant"  # constant (LlamaGen), cosine (FlowAR/MAR), lin0 (VAR)
     total_steps: int = 0  # horizon of cosine / lin0 and of the weight-decay schedule
+    no_decay: tuple[str, ...] = ()  # parameter paths containing one of these: no decay (MAR)
 
     def validate(self, name: str = "optim") -> None:
         check(self.lr > 0, f"{name}.lr must be > 0, got {self.lr}")
@@ -85,8 +87,11 @@ def weight_decay(cfg: OptimConfig) -> float | optax.Schedule:
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     cfg.validate()
-    # LlamaGen/VAR decay only >= 2-D tensors (no norms, no biases).
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    # Every family decays only >= 2-D tensors (no norms, no biases); MAR also skips its
+    # diffusion MLP (`no_decay=("diffloss",)`).
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and not any(n in path_str(path) for n in cfg.no_decay),
+        params)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2,
                              weight_decay=weight_decay(cfg), mask=decay_mask))

@@ -26,28 +26,27 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from arjax import config as cfglib
 from arjax import sharding
-from arjax.convert.flowar import load_flowar, load_kl
-from arjax.data import open_source
+from arjax.convert.flowar import load_flowar
 from arjax.data.imagenet import steps_for_epochs
-from arjax.experiment.base import DIGITS_DATA, ExperimentConfig, imagenet_setup
+from arjax.experiment.base import DIGITS_DATA, imagenet_setup
 from arjax.experiment.cli import cli, run_experiment
-from arjax.experiment.outputs import digits_scorer
+from arjax.experiment.latents import (
+    DIGITS_KL,
+    KLExperimentConfig,
+    build_generator,
+    moments_spec,
+    posterior_loss,
+)
 from arjax.experiment.pipeline import (
     PlannedStage,
     StageConfig,
-    cached_codes,
     check_sampling,
     check_stages,
-    fingerprint,
-    stage_weights,
 )
-from arjax.images import to_float
-from arjax.models import bind, param_count, split
 from arjax.models.flowar import FlowAR, FlowARConfig, flowar_config
 from arjax.optim import OptimConfig
 from arjax.sampling import flowar as flowar_sampling
@@ -55,16 +54,10 @@ from arjax.sampling import search
 from arjax.sampling.flowar import FlowSampleConfig
 from arjax.sampling.generator import make_generator
 from arjax.sampling.search import SearchConfig
-from arjax.tokenizers.kl import KL_16, KLVAE, KLConfig, sample_posterior
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(ExperimentConfig):
-    DERIVED = {"model.token_dim": "tokenizer.embed_dim"}
-
-    tokenizer: KLConfig = KL_16
-    tokenizer_train: StageConfig = StageConfig()
-    tokenizer_ckpt: str | None = None  # official kl16.ckpt: skips training it
+class Config(KLExperimentConfig):
     model: FlowARConfig = flowar_config("S")
     flowar_train: StageConfig = StageConfig()
     flowar_ckpt: str | None = None  # official FlowAR-{S,L,H}.pth: skips FlowAR training
@@ -76,10 +69,7 @@ class Config(ExperimentConfig):
 
 DIGITS = Config(
     data=DIGITS_DATA,
-    tokenizer=KLConfig(embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                       norm_groups=8, scale=0.0, kl_weight=1e-4),
-    tokenizer_train=StageConfig(steps=300, batch_size=64, log_every=50, ckpt_every=150,
-                                optim=OptimConfig(lr=2e-3, weight_decay=0.0, grad_clip=0.0)),
+    **DIGITS_KL,
     model=FlowARConfig(width=128, depth=2, heads=4, head_width=128, head_depth=2,
                        scales=(1, 2, 4, 8), num_classes=10, dropout=0.0),
     flowar_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=300,
@@ -137,30 +127,6 @@ def validate(cfg: Config, mesh) -> None:
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
-def tokenizer_loss(kl_weight: float):
-    def loss(model: KLVAE, batch, key):
-        images = to_float(batch["image"])
-        recon, aux = model(images, key)
-        mse = jnp.mean((recon - images) ** 2)
-        return mse + kl_weight * aux["kl"], {"mse": mse, "kl": aux["kl"]}
-    return loss
-
-
-def make_flowar_loss(latent_scale: float):
-    """A fresh posterior sample of every image in every step, times the latent scale."""
-    def loss(model: FlowAR, batch, key):
-        k_post, k_model = jax.random.split(key)
-        latents = sample_posterior(batch["codes"], k_post) * latent_scale
-        return model.loss(batch["label"], latents, k_model)
-    return loss
-
-
-def estimate_scale(moments: np.ndarray) -> float:
-    """1 / std of the posterior means (LDM's scale_factor rule), for tokenizers trained here
-    (from the first 10,000 rows of the cache: all of digits)."""
-    return float(1.0 / np.std(np.split(moments, 2, axis=-1)[0]))
-
-
 def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampleConfig,
                  latent_scale: float, search_cfg: SearchConfig | None = None):
     """params -> Generated: trunk, flow ODEs and VAE decoder in one jit; with an enabled
@@ -174,54 +140,22 @@ def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampl
 
 def plan_stage(cfg: Config) -> PlannedStage:
     """The FlowAR stage for `arjax.plan`: batches of cached posterior moments and labels."""
-    side, moments = cfg.model.side, 2 * cfg.tokenizer.embed_dim
     return PlannedStage(
         "flowar", lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
-        make_flowar_loss(cfg.tokenizer.scale or 1.0), cfg.flowar_train,
-        {"codes": jax.ShapeDtypeStruct((side, side, moments), jnp.float32),
-         "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
+        posterior_loss(cfg.tokenizer.scale or 1.0), cfg.flowar_train,
+        {"codes": moments_spec(cfg), "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     """Trains (or resumes, or loads) every stage; returns what `report` needs."""
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
-    train_source = open_source(cfg.data, "train")
-    summary: dict = {}
 
-    vae_graphdef, vae_params = stage_weights(
-        cfg, "tokenizer", lambda: KLVAE(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed)),
-        tokenizer_loss(cfg.tokenizer.kl_weight), lambda: train_source, mesh, workdir, progress,
-        lambda path: load_kl(path, cfg.tokenizer), summary)
-
-    latent_scale = cfg.tokenizer.scale
-    moments = None
-    if not cfg.flowar_ckpt or not latent_scale:
-        encode = jax.jit(lambda p, x: bind(vae_graphdef, p).moments(to_float(x)))
-        producer = fingerprint(vae_params, tokenizer=cfg.tokenizer, data=cfg.data.content(),
-                               split="train")
-        moments = cached_codes(lambda images: encode(vae_params, images), train_source,
-                               workdir, "train", producer, cfg.encode_batch, mesh,
-                               progress=progress)
-        latent_scale = latent_scale or estimate_scale(
-            moments[np.arange(min(moments.num_examples, 10_000))]["codes"])
-    summary["tokenizer/latent_scale"] = latent_scale
-
-    model_fn = lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1))
-    graphdef = split(nnx.eval_shape(model_fn))[0]
-    generate = make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample, latent_scale,
+    def sampler(graphdef, vae_graphdef, vae_params, latent_scale):
+        return make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample, latent_scale,
                             cfg.search)
-    score = None
-    if cfg.data.name == "digits" and cfg.eval_samples_per_class:
-        score = digits_scorer(generate, cfg.model.num_classes, cfg.eval_samples_per_class,
-                              cfg.seed, train_source.images)
-
-    _, params = stage_weights(cfg, "flowar", model_fn, make_flowar_loss(latent_scale),
-                              lambda: moments, mesh, workdir, progress,
-                              lambda path: load_flowar(path, cfg.model), summary, score)
-    summary["flowar/params"] = param_count(params)
-    return dict(generate=generate, params=params, summary=summary, score=score,
-                step=cfg.flowar_train.steps)
+    return build_generator(cfg, "flowar", lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
+                           load_flowar, sampler, mesh, workdir, progress)
 
 
 def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None

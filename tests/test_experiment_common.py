@@ -16,9 +16,9 @@ from arjax.data.sources import ArraySource
 from arjax.experiment import outputs
 from arjax.experiment.cli import workdir_lock
 from arjax.experiment.pipeline import StageConfig, cached_codes, fingerprint
-from experiments import flowar_imagenet, llamagen_imagenet, var_imagenet
+from experiments import flowar_imagenet, llamagen_imagenet, mar_imagenet, var_imagenet
 
-EXPERIMENTS = [llamagen_imagenet, var_imagenet, flowar_imagenet]
+EXPERIMENTS = [llamagen_imagenet, var_imagenet, flowar_imagenet, mar_imagenet]
 
 
 @pytest.mark.parametrize("assignment,match", [

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import attend
-from arjax.nn.layers import RMSNorm, dropout
+from arjax.nn.layers import RMSNorm, TimestepEmbedder, dropout
 from arjax.nn.policy import check_policy, dtypes, float32, remat
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
@@ -214,21 +213,6 @@ class Block(nnx.Module):
         return self._residual(x, cond, lambda h: self.attn.decode(h, rope, cache, begin, end))
 
 
-class TimestepEmbedder(nnx.Module):
-    """Sinusoidal [cos, sin] embedding of dim 256 -> Linear -> SiLU -> Linear."""
-
-    def __init__(self, width: int, kw: dict, *, rngs: nnx.Rngs):
-        self.mlp_0 = _linear(256, width, kw, rngs)
-        self.mlp_2 = _linear(width, width, kw, rngs)
-
-    def __call__(self, t):
-        half = 128
-        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-        args = t.astype(jnp.float32)[:, None] * freqs[None]
-        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-        return self.mlp_2(jax.nn.silu(self.mlp_0(emb)))
-
-
 class CrossAttention(nnx.Module):
     """Head tokens attend to the trunk vectors of the same scale (same grid, RoPE on both)."""
 
@@ -310,7 +294,7 @@ class FlowHead(nnx.Module):
     def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
         w, f32 = cfg.head_width, float32(cfg)
         self.remat = cfg.remat
-        self.time_embed = TimestepEmbedder(w, f32, rngs=rngs)
+        self.time_embed = TimestepEmbedder(w, f32, nnx.initializers.xavier_uniform(), rngs=rngs)
         self.cond_embed = _linear(cfg.width, w, dtypes(cfg), rngs)
         self.input_proj = _linear(cfg.token_dim, w, f32, rngs)
         block = CrossHeadBlock if cfg.cross else HeadBlock

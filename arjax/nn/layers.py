@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,3 +48,20 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
+
+
+class TimestepEmbedder(nnx.Module):
+    """DiT's timestep embedding: sinusoid of dim 256 in [cos, sin] order (max period 1e4) ->
+    Linear -> SiLU -> Linear (`mlp_0`, `mlp_2`: upstream `mlp.0`, `mlp.2`). `kw`: dtypes."""
+
+    def __init__(self, width: int, kw: dict, kernel_init, *, rngs: nnx.Rngs):
+        linear = lambda cin: nnx.Linear(cin, width, rngs=rngs, kernel_init=kernel_init, **kw)
+        self.mlp_0 = linear(256)
+        self.mlp_2 = linear(width)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        half = 128
+        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+        args = t.astype(jnp.float32)[:, None] * freqs[None]
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        return self.mlp_2(jax.nn.silu(self.mlp_0(emb)))
