@@ -18,6 +18,7 @@ from arjax.data.sources import ArraySource
 from arjax.models import bind, split
 from arjax.models.flowar import FlowAR, FlowARConfig
 from arjax.models.flowar import teacher_inputs as flowar_teacher_inputs
+from arjax.models.mar import MAR, MARConfig
 from arjax.models.raster_ar import RasterAR
 from arjax.models.var import VAR, VARConfig
 from arjax.optim import OptimConfig, make_optimizer
@@ -181,6 +182,25 @@ def flowar_family(**policy):
     return model, batch, loss
 
 
+def mar_family(**policy):
+    cfg = MARConfig(width=64, depth=1, heads=2, head_width=64, head_depth=2, side=4,
+                    token_dim=4, buffer_size=4, num_classes=4, dropout=0.0, label_drop=0.0,
+                    **policy)
+    model = MAR(cfg, rngs=nnx.Rngs(0))
+    head = model.diffloss  # its AdaLN and output layers start at zero: nothing would show
+    for i, layer in enumerate([*(b.adaLN_modulation for b in head.res_blocks),
+                               head.final_layer.adaLN_modulation, head.final_layer.linear]):
+        layer.kernel[...] = (0.05 * jax.random.normal(jax.random.key(i), layer.kernel.shape)
+                             ).astype(layer.kernel.dtype)
+    rng = np.random.default_rng(0)
+    batch = {"latents": jnp.asarray(rng.normal(size=(8, 4, 4, 4)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 4, 8))}
+
+    def loss(model, batch, key):
+        return model.loss(batch["label"], batch["latents"], jax.random.key(0))[0], {}
+    return model, batch, loss
+
+
 def tokenizer_family(make):
     def family(dtype="float32", param_dtype="float32"):
         model = make(dtype, param_dtype)
@@ -218,7 +238,7 @@ TOKENIZERS = {
         embed_dim=4, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, dtype=d,
         param_dtype=p), rngs=nnx.Rngs(0))),
 }
-GENERATORS = {"gpt": gpt_family, "var": var_family, "flowar": flowar_family}
+GENERATORS = {"gpt": gpt_family, "var": var_family, "flowar": flowar_family, "mar": mar_family}
 FAMILIES = {**GENERATORS, **TOKENIZERS}
 
 
@@ -239,6 +259,12 @@ def outputs(name, model, batch):
         velocity = model.flownet(batch["latents"].reshape(8, 16, 4), t, z[:, 5:],
                                  jnp.asarray(model.head_ropes[-1]))
         return jnp.concatenate([z.reshape(-1), velocity.reshape(-1)])
+    if name == "mar":
+        tokens = batch["latents"].reshape(8, 16, 4)
+        known = jnp.arange(16)[None] < jnp.arange(8)[:, None] * 2
+        z = model(tokens, known, model.conditioning(batch["label"]))
+        out = model.diffloss(tokens.reshape(-1, 4), jnp.full((128,), 300), z.reshape(128, -1))
+        return jnp.concatenate([z.reshape(-1), out.reshape(-1)])
     return tok_out(model, batch)
 
 
@@ -246,7 +272,7 @@ SLOW = pytest.mark.slow  # > 25 s on 2 cores (compilation): make test-all
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n in ("kl", "flowar", "msvq",
-                                                                      "var", "vq") else n
+                                                                      "var", "vq", "mar") else n
                                   for n in sorted(FAMILIES)])
 def test_bfloat16_forward_is_close_to_float32(name):
     """Same float32 weights, compute in bfloat16: outputs within 2 % (relative l2) of the
@@ -272,7 +298,7 @@ def test_param_dtype_sets_storage(name):
 
 @pytest.mark.parametrize("name,policy", [
     ("gpt", "full"), pytest.param("var", "full", marks=SLOW),
-    pytest.param("flowar", "full", marks=SLOW),
+    pytest.param("flowar", "full", marks=SLOW), pytest.param("mar", "full", marks=SLOW),
     *[pytest.param(n, "dots", marks=SLOW) for n in sorted(GENERATORS)]])
 def test_remat_leaves_gradients_unchanged(name, policy):
     """Equal up to float32 rounding (the recomputed forward may fuse differently)."""
@@ -287,7 +313,8 @@ def test_remat_leaves_gradients_unchanged(name, policy):
 
 
 @pytest.mark.parametrize("name", ["gpt", pytest.param("var", marks=SLOW),
-                                  pytest.param("flowar", marks=SLOW)])
+                                  pytest.param("flowar", marks=SLOW),
+                                  pytest.param("mar", marks=SLOW)])
 def test_bfloat16_training_lowers_the_loss(name):
     """AdamW in float32 on bfloat16 compute, with full remat: 30 steps on one batch."""
     model, batch, loss = GENERATORS[name](dtype="bfloat16", remat="full")
