@@ -117,21 +117,32 @@ class Diffusion:
         vb = jnp.where(i == 0, nll.mean(-1), kl.mean(-1)) / np.log(2.0)
         return jnp.mean((noise - eps) ** 2, axis=-1) + vb
 
-    def sample(self, net: Net, x: jax.Array, noise: jax.Array, temperature: float | jax.Array
-               = 1.0, with_last: bool = False):
-        """The ancestral chain from x (step T-1) to step 0; `noise` [T, N, C] (step i draws
-        noise[i]; noise[0] is unused: no noise at the last step). With `with_last`, also the
-        mean and log variance of the last step's Gaussian (what CSpD compares)."""
+    def sample(self, net: Net, x: jax.Array, noise: jax.Array,
+               temperature: float | jax.Array = 1.0) -> jax.Array:
+        """The ancestral chain from x (step T-1) to step 0; `noise` [T, N, C]: step i draws
+        noise[i] (noise[0] is unused: the last step adds none, as upstream)."""
+        return self.chain(net, x, noise, temperature)[0]
 
-        def step(x, i):
+    def chain(self, net: Net, x: jax.Array, noise: jax.Array,
+              temperature: float | jax.Array = 1.0, final_noise: bool = False):
+        """`sample`, and the last step's Gaussian: -> (x_0, mean, std (temperature
+        included), sum over the earlier steps of log sigma (CSpD's trajectory term)), each
+        [N, C]. `final_noise`: the last step draws noise[0] too, so x_0 ~ N(mean, std^2)
+        given the earlier noises (what an exact speculative ratio needs)."""
+
+        def step(carry, i):
+            x, log_std_sum = carry
             idx = jnp.full((x.shape[0],), i)
             mean, log_var = self.mean_log_var(net(x, self._at("timesteps", idx)[:, 0]), x, idx)
-            nxt = mean + jnp.where(i == 0, 0.0, jnp.exp(0.5 * log_var)) * noise[i] * temperature
-            return nxt, (mean, log_var)
+            std = jnp.exp(0.5 * log_var) * temperature
+            last = i == 0
+            scale = std if final_noise else jnp.where(last, 0.0, std)
+            nxt = mean + scale * noise[i]
+            return (nxt, log_std_sum + jnp.where(last, 0.0, 0.5 * log_var)), (mean, std)
 
         steps = jnp.arange(self.steps - 1, -1, -1)
-        x, (means, log_vars) = jax.lax.scan(step, x, steps)
-        return (x, means[-1], log_vars[-1]) if with_last else x
+        (x, log_std_sum), (means, stds) = jax.lax.scan(step, (x, jnp.zeros_like(x)), steps)
+        return x, means[-1], stds[-1], log_std_sum
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ class MARSampleConfig:
     cfg_schedule: str = "linear"  # linear: w grows with the share of known tokens
     temperature: float = 1.0  # tau: scales the diffusion chain's noise
     diffusion_steps: int = 100  # respaced reverse-chain steps per token
+    final_noise: bool = False  # the chain's last step draws noise too (upstream: none); the
+    # law CSpD's exact rule reproduces
 
     def validate(self, seq_len: int | None = None) -> None:
         check(self.num_iter >= 1, f"sample.num_iter must be >= 1, got {self.num_iter}")
@@ -65,6 +68,91 @@ def mask_schedule(seq_len: int, num_iter: int) -> tuple[np.ndarray, np.ndarray]:
     return m, first
 
 
+class Canvas(NamedTuple):
+    """The state every MAR sampler shares: tokens [B, L, C], each position's place in the
+    generation order (ranks [B, L]) and the order itself (order[b, j] = position of place
+    j), the conditioning rows (doubled with CFG) and the noise source."""
+    tokens: jax.Array
+    ranks: jax.Array
+    order: jax.Array
+    cond: jax.Array
+    noise_key: jax.Array
+    noise: tuple[jax.Array, jax.Array] | None
+
+
+def start(model, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
+          noise=None, ranks: jax.Array | None = None) -> Canvas:
+    mcfg = model.cfg
+    batch = labels.shape[0]
+    k_order, k_noise = jax.random.split(key)
+    if ranks is None:
+        ranks = random_ranks(k_order, batch, mcfg.seq_len)
+    cond = model.conditioning(labels.astype(jnp.int32))
+    if cfg.cfg != 1:
+        cond = jnp.concatenate([cond, model.conditioning(labels, jnp.ones_like(labels, bool))])
+    return Canvas(jnp.zeros((batch, mcfg.seq_len, mcfg.token_dim)), ranks,
+                  jnp.argsort(ranks, axis=-1), cond, k_noise, noise)
+
+
+def guidance_weights(cfg: MARSampleConfig, m: np.ndarray, length: int) -> np.ndarray:
+    """The guidance weight of each step (m: the schedule's unknown counts)."""
+    if cfg.cfg_schedule == "linear":
+        return 1 + (cfg.cfg - 1) * (length - m[1:]) / length
+    return np.full(len(m) - 1, cfg.cfg)
+
+
+def position_noise(canvas: Canvas, idx: jax.Array, steps: int, c: int):
+    """The chain noise of the tokens at positions idx [B, K] -> (init [B, K, C],
+    per-step [B, K, T, C]): a function of (row, position) only, so every model's chain for a
+    token draws the same noise (CSpD's trajectory alignment) whatever step predicts it."""
+    if canvas.noise is not None:
+        rows = jnp.arange(idx.shape[0])[:, None]
+        return jnp.asarray(canvas.noise[0])[rows, idx], jnp.asarray(canvas.noise[1])[rows, idx]
+    keys = jax.vmap(lambda row, ids: jax.vmap(lambda i: jax.random.fold_in(row, i))(ids))(
+        jax.random.split(canvas.noise_key, idx.shape[0]), idx)
+    drawn = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (1 + steps, c))))(keys)
+    return drawn[:, :, 0], drawn[:, :, 1:]
+
+
+def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,
+            cfg: MARSampleConfig, final_noise: bool = False):
+    """One MAR step: the trunk sees the tokens whose place >= `known_below`, and the places
+    first..last-1 of the order are predicted (`width` gathered; the rest are dropped) by the
+    guided diffusion chain. -> (positions [B, K], valid [K], tokens [B, K, C], the last
+    step's (mean, std, sum of earlier log sigmas) each [B, K, C])."""
+    batch, length, c = canvas.tokens.shape
+    guided = cfg.cfg != 1
+    double = (lambda a: jnp.concatenate([a, a])) if guided else (lambda a: a)
+    z = model(double(canvas.tokens), double(canvas.ranks >= known_below), canvas.cond)
+    place = first + jnp.arange(width)
+    valid = place < last
+    idx = jnp.take_along_axis(canvas.order, jnp.broadcast_to(
+        jnp.minimum(place, length - 1), (batch, width)), axis=1)
+    zc = model.diffloss.condition(jnp.take_along_axis(z, double(idx)[..., None], axis=1))
+    zc = zc.reshape(-1, zc.shape[-1])
+    process = diffusion(cfg.diffusion_steps)
+    init, inter = position_noise(canvas, idx, process.steps, c)
+
+    def net(x, t):
+        out = model.diffloss.denoise(double(x), double(t), zc)
+        if not guided:
+            return out
+        (eps_c, var_c), (eps_u, _) = (jnp.split(h, 2, -1) for h in jnp.split(out, 2))
+        return jnp.concatenate([cfg_combine(eps_c, eps_u, weight), var_c], -1)
+
+    # the chain's j-th step (step index T-1-j) draws inter[:, :, j]
+    steps_first = jnp.moveaxis(inter, 2, 0)[::-1].reshape(process.steps, -1, c)
+    out = process.chain(net, init.reshape(-1, c), steps_first, cfg.temperature, final_noise)
+    return idx, valid, *(a.reshape(batch, width, c) for a in out)
+
+
+def scatter(tokens: jax.Array, idx: jax.Array, valid: jax.Array, values: jax.Array):
+    """tokens [B, L, ...] with values [B, K, ...] written at idx where valid."""
+    rows = jnp.arange(idx.shape[0])[:, None]
+    return tokens.at[rows, jnp.where(valid, idx, tokens.shape[1])].set(
+        values.astype(tokens.dtype), mode="drop")
+
+
 def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
                    noise: tuple[jax.Array, jax.Array] | None = None, ranks: jax.Array | None
                    = None) -> tuple[jax.Array, dict]:
@@ -72,57 +160,22 @@ def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MAR
     position's place in the order (default: random from `key`)."""
     model = bind(graphdef, params)
     mcfg = model.cfg
-    length, c = mcfg.seq_len, mcfg.token_dim
-    cfg.validate(length)
-    batch, guided = labels.shape[0], cfg.cfg != 1
-    k_order, k_noise = jax.random.split(key)
-    if ranks is None:
-        ranks = random_ranks(k_order, batch, length)
-    order = jnp.argsort(ranks, axis=-1)
-    m, first = mask_schedule(length, cfg.num_iter)
-    width = int(np.max(m[:-1] - first))  # K: tokens gathered per step
-    weights = (1 + (cfg.cfg - 1) * (length - m[1:]) / length if cfg.cfg_schedule == "linear"
-               else np.full(cfg.num_iter, cfg.cfg))
-    m, first, weights = jnp.asarray(m), jnp.asarray(first), jnp.asarray(weights, jnp.float32)
-    cond = model.conditioning(labels.astype(jnp.int32))
-    if guided:
-        cond = jnp.concatenate([cond, model.conditioning(labels, jnp.ones_like(labels, bool))])
-    double = (lambda a: jnp.concatenate([a, a])) if guided else (lambda a: a)
-    process = diffusion(cfg.diffusion_steps)
-    steps, rows = process.steps, jnp.arange(batch)[:, None]
+    cfg.validate(mcfg.seq_len)
+    canvas = start(model, key, labels, cfg, noise, ranks)
+    m, first = mask_schedule(mcfg.seq_len, cfg.num_iter)
+    width = int(np.max(m[:-1] - first))  # K: the most tokens a step predicts
+    weights = jnp.asarray(guidance_weights(cfg, m, mcfg.seq_len), jnp.float32)
+    m, first = jnp.asarray(m), jnp.asarray(first)
 
     def step(s, tokens):
-        z = model(double(tokens), double(ranks >= m[s]), cond)
-        place = first[s] + jnp.arange(width)
-        valid = place < m[s]
-        idx = jnp.take_along_axis(order, jnp.broadcast_to(jnp.minimum(place, length - 1),
-                                                          (batch, width)), axis=1)
-        zc = model.diffloss.condition(jnp.take_along_axis(z, double(idx)[..., None], axis=1))
-        zc = zc.reshape(-1, zc.shape[-1])
-        if noise is None:
-            drawn = jax.random.normal(jax.random.fold_in(k_noise, s),
-                                      (1 + steps, batch * width, c))
-            init, inter = drawn[0], drawn[1:]
-        else:
-            init = jnp.asarray(noise[0])[rows, idx].reshape(-1, c)
-            inter = jnp.moveaxis(jnp.asarray(noise[1])[rows, idx], 2, 0).reshape(steps, -1, c)
+        idx, valid, new, *_ = predict(model, canvas._replace(tokens=tokens), m[s], first[s],
+                                      m[s], width, weights[s], cfg, cfg.final_noise)
+        return scatter(tokens, idx, valid, new)
 
-        def net(x, t):
-            out = model.diffloss.denoise(double(x), double(t), zc)
-            if not guided:
-                return out
-            (eps_c, var_c), (eps_u, _) = (jnp.split(h, 2, -1) for h in jnp.split(out, 2))
-            return jnp.concatenate([cfg_combine(eps_c, eps_u, weights[s]), var_c], -1)
-
-        # the chain draws noise[i] at step i (i = T-1 .. 1): inter[T - 1 - i] is its i-th draw
-        new = process.sample(net, init, inter[::-1], cfg.temperature)
-        return tokens.at[rows, jnp.where(valid, idx, length)].set(
-            new.reshape(batch, width, c).astype(tokens.dtype), mode="drop")
-
-    tokens = jax.lax.fori_loop(0, cfg.num_iter, step, jnp.zeros((batch, length, c)))
+    tokens = jax.lax.fori_loop(0, cfg.num_iter, step, canvas.tokens)
     stats = {"target_passes": jnp.int32(cfg.num_iter),
-             "nfe": jnp.int32(cfg.num_iter * steps)}
-    return tokens.reshape(batch, mcfg.side, mcfg.side, c), stats
+             "nfe": jnp.int32(cfg.num_iter * cfg.diffusion_steps)}
+    return tokens.reshape(-1, mcfg.side, mcfg.side, mcfg.token_dim), stats
 
 
 def sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array, labels: jax.Array,
