@@ -105,7 +105,10 @@ class Diffusion:
         """Per-row MSE(eps) + VLB in bits on a frozen mean; x0 [N, C], t uniform per row."""
         k_t, k_eps = jax.random.split(key)
         i = jax.random.randint(k_t, (x0.shape[0],), 0, self.steps)
-        noise = jax.random.normal(k_eps, x0.shape)
+        return self.loss_at(net, x0, i, jax.random.normal(k_eps, x0.shape))
+
+    def loss_at(self, net: Net, x0: jax.Array, i: jax.Array, noise: jax.Array) -> jax.Array:
+        """`loss` at the given steps i [N] and noise [N, C] (upstream `training_losses`)."""
         x_t = self.q_sample(x0, i, noise)
         out = net(x_t, self._at("timesteps", i)[:, 0]).astype(jnp.float32)
         eps, v = jnp.split(out, 2, axis=-1)

@@ -1,8 +1,8 @@
-"""Imports the official FlowAR code (a checkout of OliverRen/FlowAR) on a CPU-only machine and
-loads arjax parameters into it through `arjax.convert.flowar`, for the parity and sampling
-benchmarks. Two shims, both confined to this process: timm imports torchvision at import time
-(stubbed with empty modules; no torchvision code runs on these paths), and FlowAR calls
-`.cuda()` (made a no-op). Needs `pip install --no-deps timm einops`.
+"""Imports the official FlowAR code (a checkout of OliverRen/FlowAR; LTH14/mar alike) on a
+CPU-only machine and loads arjax parameters into it through the converters, for the parity and
+sampling benchmarks. Two shims, both confined to this process: timm imports torchvision at
+import time (stubbed with empty modules; no torchvision code runs on these paths), and both
+repositories call `.cuda()` (made a no-op). Needs `pip install --no-deps timm einops`.
 """
 
 from __future__ import annotations
@@ -41,17 +41,17 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def import_official(path: str):
-    """-> (models.flowar module, models.vae module) of the checkout at `path`."""
+def import_official(path: str, names=("models.flowar", "models.vae")):
+    """-> the modules `names` of the checkout at `path` (FlowAR's, or MAR's: the same
+    layout)."""
     import torch
 
     if "torchvision" not in sys.modules:
         sys.meta_path.insert(0, _TorchvisionStub())
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     sys.path.insert(0, path)
-    flowar = importlib.import_module("models.flowar")
-    vae = importlib.import_module("models.vae")
-    return flowar, vae
+    return tuple(importlib.import_module(name) for name in names)
 
 
 def load_into(module, state: dict) -> None:
