@@ -6,11 +6,14 @@ Run:   python -m experiments.mar_imagenet --config digits --workdir runs/mar_dig
 Sample the official weights:  --config imagenet256_B --set tokenizer_ckpt=/w/kl16.ckpt \
            --set mar_ckpt=/w/mar_base/checkpoint-last.pth
 Fewer generation steps (the official speed knob):  --set sample.num_iter=64
+Continuous speculative decoding with a small draft MAR (trained here, or `draft_ckpt`):
+       --set speculative.enabled=true [--set speculative.rule=official]
 
 Stages: (1) the KL-VAE (trained unless `tokenizer_ckpt` is given) and its cached posterior
 moments (`arjax.experiment.latents`: a fresh posterior sample in every step), (2) MAR trained
 with the diffusion loss on masked tokens (EMA 0.9999 on ImageNet, as the official recipe),
-(3) a PNG grid with one row per class and, on digits, the digits scores (class accuracy,
+(3) with `speculative.enabled`, the draft MAR (`draft_model`) trained the same way and sampling
+by CSpD, (4) a PNG grid with one row per class and, on digits, the digits scores (class accuracy,
 FID-digits); FID-protocol samples with `fid_samples_per_class` (ImageNet presets: 50). Every
 stage resumes from its last checkpoint. model.token_dim comes from tokenizer.embed_dim.
 """
@@ -38,25 +41,37 @@ from arjax.experiment.latents import (
     moments_spec,
     posterior_loss,
 )
+from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
     PlannedStage,
     StageConfig,
     check_sampling,
     check_stages,
+    stage_weights,
 )
+from arjax.models import param_count
 from arjax.models.mar import MAR, MARConfig, mar_config
 from arjax.optim import OptimConfig
 from arjax.sampling import mar as mar_sampling
+from arjax.sampling import mar_speculative
 from arjax.sampling.generator import make_generator
 from arjax.sampling.mar import MARSampleConfig
+from arjax.sampling.mar_speculative import CSpDConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(KLExperimentConfig):
+    DERIVED = {**KLExperimentConfig.DERIVED, "draft_model.token_dim": "tokenizer.embed_dim"}
+
     model: MARConfig = mar_config("B")
     mar_train: StageConfig = StageConfig()
     mar_ckpt: str | None = None  # official checkpoint-last.pth (its model_ema): no training
     sample: MARSampleConfig = MARSampleConfig()
+    # CSpD: the draft MAR (the paper: MAR-B drafting for MAR-L/H)
+    speculative: CSpDConfig = CSpDConfig()
+    draft_model: MARConfig = mar_config("B")
+    draft_train: StageConfig = StageConfig()
+    draft_ckpt: str | None = None
 
 
 DIGITS = Config(
@@ -70,6 +85,13 @@ DIGITS = Config(
                               weight_decay=0.02, grad_clip=3.0, no_decay=("diffloss",))),
     sample=MARSampleConfig(num_iter=16, cfg=2.0, diffusion_steps=50),
     eval_samples_per_class=40,
+    speculative=CSpDConfig(num_draft=4, ratio=0.15),
+    draft_model=MARConfig(width=64, depth=1, heads=2, head_width=64, head_depth=2, side=8,
+                          buffer_size=8, num_classes=10, dropout=0.0),
+    draft_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=300,
+                            optim=OptimConfig(
+                                lr=1e-3, warmup_steps=60, schedule="cosine", total_steps=600,
+                                weight_decay=0.02, grad_clip=3.0, no_decay=("diffloss",))),
 )
 
 
@@ -93,6 +115,14 @@ def imagenet(size: str) -> Config:
         sample=MARSampleConfig(num_iter=256, cfg={"B": 2.9, "L": 3.0, "H": 3.2}[size],
                                diffusion_steps=100),
         fid_samples_per_class=50,
+        # CSpD's demo: MAR-B drafts, 4 steps a window, the target alone for the first 5 %
+        speculative=CSpDConfig(num_draft=4, ratio=0.05),
+        draft_train=StageConfig(
+            steps=steps_for_epochs(400, batch), batch_size=batch, log_every=100,
+            ckpt_every=5000, ema_decay=0.9999,
+            optim=OptimConfig(lr=8e-4, b2=0.95, weight_decay=0.02, grad_clip=3.0,
+                              warmup_steps=steps_for_epochs(100, batch),
+                              no_decay=("diffloss",))),
     )
 
 
@@ -109,6 +139,13 @@ def validate(cfg: Config, mesh) -> None:
                  f"model.side must be the latent side: {cfg.data.image_size}px / "
                  f"{cfg.tokenizer.downsample} = {latent}, got model.side={cfg.model.side}")
     check_stages(cfg, mesh, "tokenizer", "mar")
+    if cfg.speculative.enabled:
+        cfg.speculative.validate()
+        cfg.draft_model.validate()
+        cfglib.check(cfg.draft_model.side == cfg.model.side
+                     and cfg.draft_model.num_classes == cfg.model.num_classes,
+                     "draft_model must have the model's side and num_classes (one canvas)")
+        check_stages(cfg, mesh, "draft")
     check_sampling(cfg, cfg.model.num_classes, mesh)
 
 
@@ -135,8 +172,25 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
 
     def sampler(graphdef, vae_graphdef, vae_params, latent_scale):
         return make_sampler(graphdef, vae_graphdef, vae_params, mesh, cfg.sample, latent_scale)
-    return build_generator(cfg, "mar", lambda: MAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
-                           load_mar, sampler, mesh, workdir, progress)
+    out = build_generator(cfg, "mar", lambda: MAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
+                          load_mar, sampler, mesh, workdir, progress)
+    if not cfg.speculative.enabled:
+        return out
+    draft_fn = lambda: MAR(cfg.draft_model, rngs=nnx.Rngs(cfg.seed + 2))
+    draft = stage_weights(cfg, "draft", draft_fn, posterior_loss(out["latent_scale"]),
+                          lambda: out["moments"], mesh, workdir, progress,
+                          lambda path: load_mar(path, cfg.draft_model), out["summary"])
+    out["summary"]["draft/params"] = param_count(draft[1])
+    out["generate"] = make_generator(
+        lambda p, f, key, labels: mar_speculative.sample(
+            (out["graphdef"], p), (draft[0], f["draft"]), out["vae"][0], f["vae"], key, labels,
+            cfg.sample, cfg.speculative, out["latent_scale"]),
+        mesh, {"vae": out["vae"][1], "draft": draft[1]})
+    if out["score"] is not None:
+        out["score"] = digits_scorer(out["generate"], cfg.model.num_classes,
+                                     cfg.eval_samples_per_class, cfg.seed,
+                                     out["train_source"].images)
+    return out
 
 
 def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None

@@ -118,4 +118,6 @@ def build_generator(cfg, name: str, module_fn, load, make_sampler, mesh, workdir
                               lambda path: load(path, cfg.model), summary, score)
     summary[f"{name}/params"] = param_count(params)
     return dict(generate=generate, params=params, summary=summary, score=score,
-                step=getattr(cfg, f"{name}_train").steps)
+                step=getattr(cfg, f"{name}_train").steps, graphdef=graphdef,
+                vae=(vae_graphdef, vae_params), latent_scale=latent_scale, moments=moments,
+                train_source=train_source)

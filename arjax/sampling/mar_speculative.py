@@ -56,6 +56,7 @@ RULES = ("exact", "official")
 
 @dataclasses.dataclass(frozen=True)
 class CSpDConfig:
+    enabled: bool = False  # experiments: sample with CSpD (trains or loads the draft MAR)
     num_draft: int = 8  # gamma: draft steps between verifications (official demo: 4)
     ratio: float = 0.15  # steps s <= ratio * num_iter are the target's alone (demo: 0.05)
     rule: str = "exact"  # exact (lossless) | official (the released code's tempered ratio)
