@@ -299,7 +299,7 @@ def test_param_dtype_sets_storage(name):
 @pytest.mark.parametrize("name,policy", [
     ("gpt", "full"), pytest.param("var", "full", marks=SLOW),
     pytest.param("flowar", "full", marks=SLOW), pytest.param("mar", "full", marks=SLOW),
-    *[pytest.param(n, "dots", marks=SLOW) for n in sorted(GENERATORS)]])
+    *[pytest.param(n, "dots", marks=SLOW) for n in sorted(GENERATORS) if n != "mar"]])
 def test_remat_leaves_gradients_unchanged(name, policy):
     """Equal up to float32 rounding (the recomputed forward may fuse differently)."""
     grads = []
