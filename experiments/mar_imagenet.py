@@ -181,6 +181,7 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
                           lambda: out["moments"], mesh, workdir, progress,
                           lambda path: load_mar(path, cfg.draft_model), out["summary"])
     out["summary"]["draft/params"] = param_count(draft[1])
+    out["draft"] = draft
     out["generate"] = make_generator(
         lambda p, f, key, labels: mar_speculative.sample(
             (out["graphdef"], p), (draft[0], f["draft"]), out["vae"][0], f["vae"], key, labels,

@@ -1,0 +1,90 @@
+"""CSpD on digits: acceptance, target passes, time and quality of continuous speculative
+decoding between the digits MAR (target) and its small draft MAR, for both rules.
+
+    python -m benchmarks.cspd_digits [--workdir runs/cspd_digits] [--per-class 20]
+                                     [--num-draft 2 4 8]
+
+Trains (or resumes) `experiments.mar_imagenet --config digits --set speculative.enabled=true`
+in the work dir (KL-VAE, MAR, draft MAR), then samples 10 x `per-class` images with: the
+target alone, the draft alone, and CSpD for each rule and window length (the preset's ratio),
+each with the experiment's own sampler (`make_generator`: counted stats, decoder included).
+Class accuracy and FID-digits from the project's digits classifier; seconds per batch are the
+median and spread of 3 interleaved rounds after compilation, with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+
+import jax
+import numpy as np
+
+
+def main(argv=None) -> None:
+    from arjax import config as cfglib
+    from arjax import sharding
+    from arjax.data.sources import digits
+    from arjax.evaluate import evaluate_digits
+    from arjax.metrics.digits import DigitsEvaluator
+    from arjax.sampling import mar_speculative
+    from arjax.sampling.generator import make_generator
+    from experiments import mar_imagenet as exp
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/cspd_digits")
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--num-draft", type=int, nargs="+", default=[2, 4, 8])
+    args = parser.parse_args(argv)
+    cfg = cfglib.override(exp.DIGITS, ["speculative.enabled=true", "mar_train.eval_every=0",
+                                       "eval_samples_per_class=0"])
+    built = exp.build(cfg, args.workdir, progress=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    vae, scale = built["vae"], built["latent_scale"]
+    target = exp.make_sampler(built["graphdef"], *vae, mesh, cfg.sample, scale)
+    draft_weights = built["draft"]
+    gens = {"target alone": (target, built["params"]),
+            "draft alone": (exp.make_sampler(draft_weights[0], *vae, mesh, cfg.sample, scale),
+                            draft_weights[1])}
+    for rule in ("exact", "official"):
+        for n in args.num_draft:
+            spec = dataclasses.replace(cfg.speculative, rule=rule, num_draft=n)
+            gens[f"CSpD {rule}, {n} steps a window"] = (make_generator(
+                lambda p, f, key, labels, s=spec: mar_speculative.sample(
+                    (built["graphdef"], p), (draft_weights[0], f["draft"]), vae[0], f["vae"],
+                    key, labels, cfg.sample, s, scale),
+                mesh, {"vae": vae[1], "draft": draft_weights[1]}), built["params"])
+    evaluator = DigitsEvaluator.load()
+    reference = digits("train", 32).images
+    labels = np.repeat(np.arange(10, dtype=np.int32), args.per_class)
+    rows, times = {}, {name: [] for name in gens}
+    for name, (gen, params) in gens.items():  # compiles; these samples are scored
+        out = gen(params, labels, jax.random.key(0))
+        rows[name] = {**evaluate_digits(out.images, labels, reference, evaluator), **out.stats}
+    for r in range(3):
+        for name, (gen, params) in gens.items():
+            times[name].append(gen(params, labels, jax.random.key(r + 1)).stats["seconds"])
+    print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, load {os.getloadavg()}; "
+          f"{len(labels)} images per setting, {cfg.sample.num_iter} MAR steps, "
+          f"{cfg.sample.diffusion_steps} diffusion steps, CFG {cfg.sample.cfg}, pre-fill ratio "
+          f"{cfg.speculative.ratio}")
+    print("| sampler | target passes | draft passes | acceptance | class accuracy | FID-digits "
+          "| s / batch (median) | spread | speed-up vs target |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = statistics.median(times["target alone"])
+    for name, m in rows.items():
+        t = times[name]
+        passes = m["target_passes"] if name != "draft alone" else 0
+        drafts = m.get("draft_passes", m["target_passes"] if name == "draft alone" else 0)
+        acc = f"{m['acceptance']:.3f}" if "acceptance" in m else "-"
+        print(f"| {name} | {passes} | {drafts} | {acc} | {m['class_accuracy']:.3f} | "
+              f"{m['fid_digits']:.2f} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} "
+              f"| x{base / statistics.median(t):.2f} |")
+    print(f"load after {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

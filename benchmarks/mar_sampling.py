@@ -1,0 +1,120 @@
+"""MAR sampling speed against the official PyTorch MAR: same machine, same process, same
+weights, same orders and noise (random weights: speed does not depend on them).
+
+    python -m benchmarks.mar_sampling --official /path/to/mar [--size B] [--batches 1 8]
+                                      [--num-iter 64] [--diffusion-steps 100] [--rounds 3]
+
+Times the token sampling (`sample_tokens`: the masked steps and every token's diffusion chain;
+the KL-16 decode is the FlowAR benchmark's) with CFG 2.9 linear, temperature 1. arjax compiles
+once per batch size (reported); then each round runs arjax and the official code in turn
+(interleaved), and the table gives the median and spread over rounds, the load average, and the
+largest relative difference of the two samples (the official `torch.randn` is fed arjax's
+per-position noise, as in `benchmarks.mar_parity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from arjax.models import split
+from arjax.models.mar import MAR, mar_config
+from arjax.sampling.mar import MARSampleConfig, sample_latents
+from benchmarks.mar_parity import TINY, feed_randn, official_draws, official_mar
+from benchmarks.var_parity import random_params
+
+
+def time_batch(official, fn, params, cfg, sample_cfg: MARSampleConfig, batch: int,
+               rounds: int, rng) -> str:
+    """One table row: arjax (compiled first) and the official sampler timed in turn."""
+    import torch
+
+    length, c, steps = cfg.seq_len, cfg.token_dim, sample_cfg.diffusion_steps
+    labels = np.arange(batch) * 97 % cfg.num_classes
+    ranks = np.stack([rng.permutation(length) for _ in range(batch)])
+    noise = (rng.normal(size=(batch, length, c)).astype(np.float32),
+             rng.normal(size=(batch, length, steps, c)).astype(np.float32))
+    inputs = (tuple(map(jnp.asarray, noise)), jnp.asarray(ranks), jnp.asarray(labels))
+    t0 = time.perf_counter()
+    ours = np.asarray(jax.block_until_ready(fn(params, *inputs)))
+    compile_s = time.perf_counter() - t0
+    official.sample_orders = lambda bsz: torch.from_numpy(np.argsort(ranks, -1))
+    draws = official_draws(ranks, *noise, sample_cfg, True)
+
+    def run_official():
+        randn, randn_like = feed_randn(torch, draws)
+        saved = torch.randn, torch.randn_like
+        torch.randn, torch.randn_like = randn, randn_like
+        try:
+            with torch.no_grad():
+                return official.sample_tokens(
+                    batch, num_iter=sample_cfg.num_iter, cfg=sample_cfg.cfg,
+                    cfg_schedule=sample_cfg.cfg_schedule, labels=torch.from_numpy(labels),
+                    temperature=sample_cfg.temperature)
+        finally:
+            torch.randn, torch.randn_like = saved
+
+    times = {"arjax": [], "official": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, *inputs))
+        times["arjax"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        theirs = run_official().numpy().transpose(0, 2, 3, 1)
+        times["official"].append(time.perf_counter() - t0)
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    a, o = (statistics.median(times[k]) for k in ("arjax", "official"))
+    spread = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in times.items()}
+    return (f"| {batch} | {a:.2f} | {spread['arjax']} | {o:.2f} | {spread['official']} | "
+            f"x{o / a:.2f} | {compile_s:.0f} | {rel:.1e} |")
+
+
+def main(argv=None) -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", required=True, help="checkout of LTH14/mar")
+    parser.add_argument("--size", default="B", choices=("tiny", "B", "L", "H"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--num-iter", type=int, default=64)
+    parser.add_argument("--diffusion-steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    cfg = TINY if args.size == "tiny" else dataclasses.replace(mar_config(args.size),
+                                                               dropout=0.0)
+    module_fn = lambda: MAR(cfg, rngs=nnx.Rngs(0))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 1.0 if jax.tree_util.keystr(p).endswith("['scale']") else x,
+        random_params(module_fn, 0, 0.02))
+    graphdef = split(nnx.eval_shape(module_fn))[0]
+    official = official_mar(args.official, cfg, params, args.diffusion_steps)
+    params = jax.tree.map(jnp.asarray, params)
+    sample_cfg = MARSampleConfig(num_iter=args.num_iter, cfg=2.9, cfg_schedule="linear",
+                                 diffusion_steps=args.diffusion_steps)
+    fn = jax.jit(lambda p, noise, ranks, labels: sample_latents(
+        graphdef, p, jax.random.key(0), labels, sample_cfg, noise, ranks)[0])
+    print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), load {os.getloadavg()}; "
+          f"MAR-{args.size}, {args.num_iter} steps, {args.diffusion_steps} diffusion steps, "
+          "CFG 2.9 linear, float32")
+    print("| batch | arjax s (median) | spread | official s (median) | spread | speed-up | "
+          "arjax compile s | max relative difference |")
+    print("|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for batch in args.batches:
+        print(time_batch(official, fn, params, cfg, sample_cfg, batch, args.rounds, rng),
+              flush=True)
+    print(f"load after {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
