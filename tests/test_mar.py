@@ -106,6 +106,11 @@ def test_masked_trunk_equals_dropping_the_unknown_tokens():
     # the values at unknown places never matter
     other = jnp.where(jnp.asarray(known)[..., None], tokens, 100.0)
     np.testing.assert_allclose(trunk(params, other), z, atol=1e-5)
+    # the encoder on the known tokens only (cap 6), or on a few unknown ones more (masked)
+    for cap in (6, 9):
+        capped = jax.jit(lambda p, c=cap: bind(graphdef, p)(tokens, jnp.asarray(known), cond,
+                                                             cap=c))(params)
+        np.testing.assert_allclose(capped, z, atol=2e-5)
 
 
 def test_respacing_keeps_the_cumulative_schedule():

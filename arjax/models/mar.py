@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -234,27 +235,46 @@ class MAR(nnx.Module):
             return cond
         return jnp.where(null[:, None], self.fake_latent[...].astype(jnp.float32), cond)
 
-    def __call__(self, tokens, known, cond, *, key=None):
+    def __call__(self, tokens, known, cond, *, key=None, cap: int | None = None):
         """tokens [B, L, C] (values at unknown positions are ignored), known [B, L] bool,
         cond [B, D] -> z [B, L, D], the diffusion condition of every token. With `key`,
-        dropout is on (training)."""
+        dropout is on (training). `cap`: the encoder runs on the buffer and only `cap`
+        positions, the known ones first (any extra ones are masked as keys), as the official
+        code drops the unknown tokens; it must be >= the known count of every row (the
+        samplers' schedule and the training mask ratio bound it statically)."""
         cfg = self.cfg
         b, p = tokens.shape[0], cfg.buffer_size
         pos = lambda a: a[...].astype(jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cond[:, None], (b, p, cfg.width)),
                              self.z_proj(tokens)], axis=1)
         x = self.z_proj_ln(x + pos(self.encoder_pos_embed_learned))
-        visible = jnp.concatenate([jnp.ones((b, p), bool), known], axis=1)
+        if cap is None:
+            kept, kept_known = None, known
+        else:  # the known positions first (a stable sort keeps the rest in place after them)
+            kept = jnp.argsort(~known, axis=1, stable=True)[:, :cap]
+            kept_known = jnp.take_along_axis(known, kept, axis=1)
+            x = jnp.concatenate([x[:, :p], jnp.take_along_axis(x, p + kept[..., None], 1)], 1)
+        visible = jnp.concatenate([jnp.ones((b, p), bool), kept_known], axis=1)
         keys = _keys(key, 2 * cfg.depth)
         run = remat(cfg.remat, lambda blk, h, vis, k: blk(h, vis, k))
         for i, block in enumerate(self.encoder_blocks):
             x = run(block, x, visible, keys[i])
         x = self.decoder_embed(self.encoder_norm(x))
         x = jnp.where(visible[..., None], x, self.mask_token[...].astype(x.dtype))
+        if kept is not None:  # back to the full sequence, mask tokens elsewhere
+            full = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, p + known.shape[1],
+                                                                          cfg.width))
+            rows = jnp.arange(b)[:, None]
+            x = full.at[:, :p].set(x[:, :p]).at[rows, p + kept].set(x[:, p:])
         x = x + pos(self.decoder_pos_embed_learned)
         for i, block in enumerate(self.decoder_blocks):
             x = run(block, x, None, keys[cfg.depth + i])
         return self.decoder_norm(x)[:, p:] + pos(self.diffusion_pos_embed_learned)
+
+    @property
+    def training_cap(self) -> int:
+        """The most tokens a training mask leaves known: L - ceil(L * mask_ratio_min)."""
+        return self.cfg.seq_len - math.ceil(self.cfg.seq_len * self.cfg.mask_ratio_min)
 
     def loss(self, labels, latents, key):
         """MAR's training loss: latents [B, s, s, C] scaled; one mask ratio per batch, random
@@ -268,7 +288,7 @@ class MAR(nnx.Module):
         ratio = 1.0 + 0.25 * jax.random.truncated_normal(k_ratio, lower, 0.0)
         masked = random_ranks(k_order, b, length) < jnp.ceil(length * ratio)
         cond = self.conditioning(labels, jax.random.bernoulli(k_drop, cfg.label_drop, (b,)))
-        z = self(tokens, ~masked, cond, key=k_trunk)
+        z = self(tokens, ~masked, cond, key=k_trunk, cap=max(self.training_cap, 1))
         rep = lambda a: jnp.tile(a.reshape(b * length, *a.shape[2:]),
                                  (cfg.diffusion_batch_mul,) + (1,) * (a.ndim - 2))
         weight = rep(masked).astype(jnp.float32)

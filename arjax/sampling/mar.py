@@ -42,6 +42,8 @@ class MARSampleConfig:
     diffusion_steps: int = 100  # respaced reverse-chain steps per token
     final_noise: bool = False  # the chain's last step draws noise too (upstream: none); the
     # law CSpD's exact rule reproduces
+    segments: int = 4  # runs of steps compiled with their own token counts (speed vs compile;
+    # at most num_iter are used)
 
     def validate(self, seq_len: int | None = None) -> None:
         check(self.num_iter >= 1, f"sample.num_iter must be >= 1, got {self.num_iter}")
@@ -50,6 +52,7 @@ class MARSampleConfig:
               f"{self.temperature}")
         check(1 <= self.diffusion_steps <= 1000, f"sample.diffusion_steps must be in "
               f"[1, 1000], got {self.diffusion_steps}")
+        check(self.segments >= 1, f"sample.segments must be >= 1, got {self.segments}")
         if seq_len is not None:
             check(self.num_iter <= seq_len, f"sample.num_iter={self.num_iter} must be <= "
                   f"the {seq_len} tokens (a step predicts at least one)")
@@ -114,16 +117,29 @@ def position_noise(canvas: Canvas, idx: jax.Array, steps: int, c: int):
     return drawn[:, :, 0], drawn[:, :, 1:]
 
 
+def segments(m: np.ndarray, first: np.ndarray, count: int) -> list[tuple[int, int, int, int]]:
+    """The steps in `count` runs of about equal length -> (first step, end step, encoder cap
+    = the most tokens known at a step start, width = the most tokens a step predicts): each
+    run compiles with its own shapes, so the encoder sees about as many tokens as the official
+    one (which drops the unknown ones) and the diffusion chains about as many rows."""
+    count = min(count, len(first))
+    length, bounds = m[0], np.unique(np.linspace(0, len(first), count + 1).round().astype(int))
+    return [(int(a), int(b), max(1, int(length - m[b - 1])), int(np.max(m[a:b] - first[a:b])))
+            for a, b in zip(bounds, bounds[1:])]
+
+
 def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,
-            cfg: MARSampleConfig, final_noise: bool = False):
-    """One MAR step: the trunk sees the tokens whose place >= `known_below`, and the places
-    first..last-1 of the order are predicted (`width` gathered; the rest are dropped) by the
-    guided diffusion chain. -> (positions [B, K], valid [K], tokens [B, K, C], the last
-    step's (mean, std, sum of earlier log sigmas) each [B, K, C])."""
+            cfg: MARSampleConfig, final_noise: bool = False, cap: int | None = None):
+    """One MAR step: the trunk sees the tokens whose place >= `known_below` (the encoder on
+    `cap` tokens, see `MAR.__call__`), and the places first..last-1 of the order are predicted
+    (`width` gathered; the rest are dropped) by the guided diffusion chain. -> (positions
+    [B, K], valid [K], tokens [B, K, C], the last step's (mean, std, sum of earlier log
+    sigmas) each [B, K, C])."""
     batch, length, c = canvas.tokens.shape
     guided = cfg.cfg != 1
     double = (lambda a: jnp.concatenate([a, a])) if guided else (lambda a: a)
-    z = model(double(canvas.tokens), double(canvas.ranks >= known_below), canvas.cond)
+    z = model(double(canvas.tokens), double(canvas.ranks >= known_below), canvas.cond,
+              cap=cap)
     place = first + jnp.arange(width)
     valid = place < last
     idx = jnp.take_along_axis(canvas.order, jnp.broadcast_to(
@@ -163,16 +179,17 @@ def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MAR
     cfg.validate(mcfg.seq_len)
     canvas = start(model, key, labels, cfg, noise, ranks)
     m, first = mask_schedule(mcfg.seq_len, cfg.num_iter)
-    width = int(np.max(m[:-1] - first))  # K: the most tokens a step predicts
+    runs = segments(m, first, cfg.segments)
     weights = jnp.asarray(guidance_weights(cfg, m, mcfg.seq_len), jnp.float32)
     m, first = jnp.asarray(m), jnp.asarray(first)
-
-    def step(s, tokens):
-        idx, valid, new, *_ = predict(model, canvas._replace(tokens=tokens), m[s], first[s],
-                                      m[s], width, weights[s], cfg, cfg.final_noise)
-        return scatter(tokens, idx, valid, new)
-
-    tokens = jax.lax.fori_loop(0, cfg.num_iter, step, canvas.tokens)
+    tokens = canvas.tokens
+    for begin, end, cap, width in runs:
+        def step(s, tokens, cap=cap, width=width):
+            idx, valid, new, *_ = predict(model, canvas._replace(tokens=tokens), m[s],
+                                          first[s], m[s], width, weights[s], cfg,
+                                          cfg.final_noise, cap)
+            return scatter(tokens, idx, valid, new)
+        tokens = jax.lax.fori_loop(begin, end, step, tokens)
     stats = {"target_passes": jnp.int32(cfg.num_iter),
              "nfe": jnp.int32(cfg.num_iter * cfg.diffusion_steps)}
     return tokens.reshape(-1, mcfg.side, mcfg.side, mcfg.token_dim), stats
