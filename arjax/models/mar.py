@@ -11,8 +11,9 @@ chain.
 
 Blocks are timm ViT blocks: pre-LayerNorm (eps 1e-6), MHSA with qkv bias, GELU (erf) MLP x4,
 bidirectional attention. The official encoder drops the masked tokens (each row keeps the same
-number); here they stay in place and are excluded as attention keys, which gives the kept
-tokens exactly the same outputs with static shapes (a fixed cost of L + 64 tokens a pass).
+number, which changes every step); here the known tokens are gathered into an input of a static
+size `cap` (any extra positions masked as attention keys), which gives them exactly the same
+outputs with static shapes.
 Module names follow the official state_dict (see `arjax.convert.mar` for the few renames).
 Shapes: B batch, L tokens, P buffer, D width, w head width, C token channels.
 """
