@@ -246,6 +246,7 @@ def test_sampler_equals_the_official_loop(num_iter, cfg_w, schedule):
     assert stats["target_passes"] == num_iter and stats["nfe"] == num_iter * 5
 
 
+@pytest.mark.slow
 def test_sampler_draws_from_the_key():
     cfg, graphdef, params = tiny()
     sample_cfg = MARSampleConfig(num_iter=4, cfg=2.0, diffusion_steps=3)
