@@ -106,11 +106,9 @@ def test_masked_trunk_equals_dropping_the_unknown_tokens():
     # the values at unknown places never matter
     other = jnp.where(jnp.asarray(known)[..., None], tokens, 100.0)
     np.testing.assert_allclose(trunk(params, other), z, atol=1e-5)
-    # the encoder on the known tokens only (cap 6), or on a few unknown ones more (masked)
-    for cap in (6, 9):
-        capped = jax.jit(lambda p, c=cap: bind(graphdef, p)(tokens, jnp.asarray(known), cond,
-                                                             cap=c))(params)
-        np.testing.assert_allclose(capped, z, atol=2e-5)
+    # the encoder on the known tokens and two unknown ones (masked as keys)
+    capped = jax.jit(lambda p: bind(graphdef, p)(tokens, jnp.asarray(known), cond, cap=8))
+    np.testing.assert_allclose(capped(params), z, atol=2e-5)
 
 
 def test_respacing_keeps_the_cumulative_schedule():
@@ -257,13 +255,12 @@ def test_sampler_draws_from_the_key():
 
 
 def test_loss_only_counts_masked_tokens_and_trains():
-    cfg, graphdef, params = tiny(label_drop=0.1)
-    model = bind(graphdef, params)
+    cfg, graphdef, params = tiny()  # label_drop 0.1, the default
     latents = jax.random.normal(jax.random.key(0), (4, 4, 4, 3))
-    loss, aux = model.loss(jnp.array([0, 1, 2, 0]), latents, jax.random.key(1))
+    (loss, aux), grads = jax.jit(jax.value_and_grad(
+        lambda p: bind(graphdef, p).loss(jnp.array([0, 1, 2, 0]), latents, jax.random.key(1)),
+        has_aux=True))(params)
     assert np.isfinite(loss) and 0.7 <= aux["mask_ratio"] <= 1.0
-    grads = jax.grad(lambda p: bind(graphdef, p).loss(jnp.array([0, 1, 2, 0]), latents,
-                                                      jax.random.key(1))[0])(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert np.abs(grads["diffloss"]["input_proj"]["kernel"]).sum() > 0
 

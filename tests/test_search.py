@@ -172,6 +172,7 @@ def test_gathered_var_candidate_continues_as_if_decoded_alone():
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # 78 s on 2 cores
 def test_gathered_flowar_candidate_continues_as_if_decoded_alone():
     """Candidate 2 of 4 (of different labels) after scales 0-1, gathered, then scale 2 == the
     trunk run alone over that candidate's own levels, then scale 2."""
@@ -196,7 +197,8 @@ def test_gathered_flowar_candidate_continues_as_if_decoded_alone():
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", [pytest.param("var", marks=pytest.mark.slow), "flowar"])
+@pytest.mark.parametrize("family", [pytest.param("var", marks=pytest.mark.slow),
+                                    pytest.param("flowar", marks=pytest.mark.slow)])
 def test_search_keeps_the_best_rewarded_candidate_and_counts_its_compute(family):
     cands = candidates(family)
     schedule = (4, 3, 2, 1)[-cands.scales:]
