@@ -313,8 +313,7 @@ def test_remat_leaves_gradients_unchanged(name, policy):
 
 
 @pytest.mark.parametrize("name", ["gpt", pytest.param("var", marks=SLOW),
-                                  pytest.param("flowar", marks=SLOW),
-                                  pytest.param("mar", marks=SLOW)])
+                                  pytest.param("flowar", marks=SLOW)])
 def test_bfloat16_training_lowers_the_loss(name):
     """AdamW in float32 on bfloat16 compute, with full remat: 30 steps on one batch."""
     model, batch, loss = GENERATORS[name](dtype="bfloat16", remat="full")
