@@ -24,8 +24,6 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from arjax import config as cfglib
@@ -38,11 +36,9 @@ from arjax.experiment.latents import (
     DIGITS_KL,
     KLExperimentConfig,
     build_generator,
-    moments_spec,
-    posterior_loss,
+    plan_generator,
 )
 from arjax.experiment.pipeline import (
-    PlannedStage,
     StageConfig,
     check_sampling,
     check_stages,
@@ -138,12 +134,9 @@ def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: FlowSampl
         graphdef, p, vae_graphdef, vp, key, labels, sample_cfg, latent_scale), mesh, vae_params)
 
 
-def plan_stage(cfg: Config) -> PlannedStage:
-    """The FlowAR stage for `arjax.plan`: batches of cached posterior moments and labels."""
-    return PlannedStage(
-        "flowar", lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
-        posterior_loss(cfg.tokenizer.scale or 1.0), cfg.flowar_train,
-        {"codes": moments_spec(cfg), "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
+def plan_stage(cfg: Config):
+    """The FlowAR stage for `arjax.plan`."""
+    return plan_generator(cfg, "flowar", lambda: FlowAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)))
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

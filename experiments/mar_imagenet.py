@@ -24,8 +24,6 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from arjax import config as cfglib
@@ -38,12 +36,11 @@ from arjax.experiment.latents import (
     DIGITS_KL,
     KLExperimentConfig,
     build_generator,
-    moments_spec,
+    plan_generator,
     posterior_loss,
 )
 from arjax.experiment.outputs import digits_scorer
 from arjax.experiment.pipeline import (
-    PlannedStage,
     StageConfig,
     check_sampling,
     check_stages,
@@ -102,27 +99,22 @@ def imagenet(size: str) -> Config:
     protocol (256 steps, 100 diffusion steps, linear CFG B 2.9 / L 3.0 / H 3.2, tau 1.0, 50
     images per class). Data: ADM centre crop + flip, as the two stored views per image."""
     batch = 2048
+    train = StageConfig(  # MAR's recipe, for the model and the draft alike
+        steps=steps_for_epochs(400, batch), batch_size=batch, log_every=100, ckpt_every=5000,
+        ema_decay=0.9999, optim=OptimConfig(
+            lr=8e-4, b2=0.95, weight_decay=0.02, grad_clip=3.0,
+            warmup_steps=steps_for_epochs(100, batch), no_decay=("diffloss",)))
     return Config(
         **imagenet_setup("center_flip"),
         tokenizer_train=StageConfig(steps=100_000, batch_size=256, ckpt_every=5000),
         model=mar_config(size),
-        mar_train=StageConfig(
-            steps=steps_for_epochs(400, batch), batch_size=batch, log_every=100,
-            ckpt_every=5000, ema_decay=0.9999,
-            optim=OptimConfig(lr=8e-4, b2=0.95, weight_decay=0.02, grad_clip=3.0,
-                              warmup_steps=steps_for_epochs(100, batch),
-                              no_decay=("diffloss",))),
+        mar_train=train,
         sample=MARSampleConfig(num_iter=256, cfg={"B": 2.9, "L": 3.0, "H": 3.2}[size],
                                diffusion_steps=100),
         fid_samples_per_class=50,
         # CSpD's demo: MAR-B drafts, 4 steps a window, the target alone for the first 5 %
         speculative=CSpDConfig(num_draft=4, ratio=0.05),
-        draft_train=StageConfig(
-            steps=steps_for_epochs(400, batch), batch_size=batch, log_every=100,
-            ckpt_every=5000, ema_decay=0.9999,
-            optim=OptimConfig(lr=8e-4, b2=0.95, weight_decay=0.02, grad_clip=3.0,
-                              warmup_steps=steps_for_epochs(100, batch),
-                              no_decay=("diffloss",))),
+        draft_train=train,
     )
 
 
@@ -157,12 +149,9 @@ def make_sampler(graphdef, vae_graphdef, vae_params, mesh, sample_cfg: MARSample
         graphdef, p, vae_graphdef, vp, key, labels, sample_cfg, latent_scale), mesh, vae_params)
 
 
-def plan_stage(cfg: Config) -> PlannedStage:
-    """The MAR stage for `arjax.plan`: batches of cached posterior moments and labels."""
-    return PlannedStage(
-        "mar", lambda: MAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)),
-        posterior_loss(cfg.tokenizer.scale or 1.0), cfg.mar_train,
-        {"codes": moments_spec(cfg), "label": jax.ShapeDtypeStruct((), jnp.int32)}, cfg.model)
+def plan_stage(cfg: Config):
+    """The MAR stage for `arjax.plan`."""
+    return plan_generator(cfg, "mar", lambda: MAR(cfg.model, rngs=nnx.Rngs(cfg.seed + 1)))
 
 
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:

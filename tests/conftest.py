@@ -34,7 +34,16 @@ def tiny_gpt(seed: int = 0, scale: float = 0.3, **overrides):
 
 @pytest.fixture
 def no_compilation(monkeypatch):
-    """Fails the test if anything reaches jax.jit (bad input must be caught before)."""
+    """Fails the test if anything reaches jax.jit (bad input must be caught before). The
+    experiments are imported first: their modules jit-decorate functions at import, which
+    compiles nothing."""
+    import importlib
+    import pkgutil
+
+    import experiments
+    for module in pkgutil.iter_modules(experiments.__path__):
+        importlib.import_module(f"experiments.{module.name}")
+
     def refuse(*args, **kwargs):
         raise AssertionError("compilation started before the input was validated")
     monkeypatch.setattr(jax, "jit", refuse)

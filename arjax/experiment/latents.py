@@ -16,7 +16,13 @@ from arjax.convert.flowar import load_kl
 from arjax.data import open_source
 from arjax.experiment.base import ExperimentConfig
 from arjax.experiment.outputs import digits_scorer
-from arjax.experiment.pipeline import StageConfig, cached_codes, fingerprint, stage_weights
+from arjax.experiment.pipeline import (
+    PlannedStage,
+    StageConfig,
+    cached_codes,
+    fingerprint,
+    stage_weights,
+)
 from arjax.images import to_float
 from arjax.models import bind, param_count, split
 from arjax.optim import OptimConfig
@@ -67,10 +73,15 @@ def estimate_scale(moments: np.ndarray) -> float:
     return float(1.0 / np.std(np.split(moments, 2, axis=-1)[0]))
 
 
-def moments_spec(cfg) -> jax.ShapeDtypeStruct:
-    """One cached row's posterior moments (`arjax.plan`)."""
+def plan_generator(cfg, name: str, module_fn) -> PlannedStage:
+    """The generator stage `name` for `arjax.plan`: batches of cached posterior moments and
+    labels, the posterior loss."""
     side = cfg.data.image_size // cfg.tokenizer.downsample
-    return jax.ShapeDtypeStruct((side, side, 2 * cfg.tokenizer.embed_dim), jnp.float32)
+    moments = jax.ShapeDtypeStruct((side, side, 2 * cfg.tokenizer.embed_dim), jnp.float32)
+    return PlannedStage(name, module_fn, posterior_loss(cfg.tokenizer.scale or 1.0),
+                        getattr(cfg, f"{name}_train"),
+                        {"codes": moments, "label": jax.ShapeDtypeStruct((), jnp.int32)},
+                        cfg.model)
 
 
 def kl_latents(cfg, train_source, mesh, workdir, progress: bool, summary: dict,
