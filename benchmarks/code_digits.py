@@ -21,7 +21,6 @@ import shutil
 import statistics
 
 import jax
-import numpy as np
 
 
 def trained(exp, base, workdir: str, sets: list[str], seed_from: str | None = None) -> dict:
@@ -36,9 +35,7 @@ def trained(exp, base, workdir: str, sets: list[str], seed_from: str | None = No
 
 def main(argv=None) -> None:
     from arjax import sharding
-    from arjax.data.sources import digits
-    from arjax.evaluate import evaluate_digits
-    from arjax.metrics.digits import DigitsEvaluator
+    from benchmarks.digits_evaluator import score_and_time
     from experiments import var_imagenet as exp
 
     parser = argparse.ArgumentParser(description=__doc__,
@@ -67,19 +64,9 @@ def main(argv=None) -> None:
         tuned = trained(exp, base, os.path.join(args.workdir, f"refiner_{n}"),
                         quiet + [f"draft_steps={n}"], seed_from=large_dir)
         gens[f"N={n} fine-tuned"] = (tuned["generate"], tuned["params"])
-    evaluator = DigitsEvaluator.load()
-    reference = digits("train", 32).images
-    labels = np.repeat(np.arange(10, dtype=np.int32), args.per_class)
-    scores, times = {}, {name: [] for name in gens}
-    for name, (gen, params) in gens.items():  # compiles; these samples are scored
-        out = gen(params, labels, jax.random.key(0))
-        scores[name] = evaluate_digits(out.images, labels, reference, evaluator)
-        scores[name]["passes"] = out.stats["target_passes"]
-    for r in range(3):  # interleaved timing
-        for name, (gen, params) in gens.items():
-            times[name].append(gen(params, labels, jax.random.key(r + 1)).stats["seconds"])
+    scores, times = score_and_time(gens, args.per_class)
     print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, load {os.getloadavg()}; "
-          f"{len(labels)} images per setting")
+          f"{10 * args.per_class} images per setting")
     print("| sampler | large-model scales | class accuracy | FID-digits | s / batch (median) "
           "| spread | speed-up vs large |")
     print("|---|---|---|---|---|---|---|")

@@ -20,17 +20,14 @@ import os
 import statistics
 
 import jax
-import numpy as np
 
 
 def main(argv=None) -> None:
     from arjax import config as cfglib
     from arjax import sharding
-    from arjax.data.sources import digits
-    from arjax.evaluate import evaluate_digits
-    from arjax.metrics.digits import DigitsEvaluator
     from arjax.sampling import mar_speculative
     from arjax.sampling.generator import make_generator
+    from benchmarks.digits_evaluator import score_and_time
     from experiments import mar_imagenet as exp
 
     parser = argparse.ArgumentParser(description=__doc__,
@@ -57,18 +54,9 @@ def main(argv=None) -> None:
                     (built["graphdef"], p), (draft_weights[0], f["draft"]), vae[0], f["vae"],
                     key, labels, cfg.sample, s, scale),
                 mesh, {"vae": vae[1], "draft": draft_weights[1]}), built["params"])
-    evaluator = DigitsEvaluator.load()
-    reference = digits("train", 32).images
-    labels = np.repeat(np.arange(10, dtype=np.int32), args.per_class)
-    rows, times = {}, {name: [] for name in gens}
-    for name, (gen, params) in gens.items():  # compiles; these samples are scored
-        out = gen(params, labels, jax.random.key(0))
-        rows[name] = {**evaluate_digits(out.images, labels, reference, evaluator), **out.stats}
-    for r in range(3):
-        for name, (gen, params) in gens.items():
-            times[name].append(gen(params, labels, jax.random.key(r + 1)).stats["seconds"])
+    rows, times = score_and_time(gens, args.per_class)
     print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, load {os.getloadavg()}; "
-          f"{len(labels)} images per setting, {cfg.sample.num_iter} MAR steps, "
+          f"{10 * args.per_class} images per setting, {cfg.sample.num_iter} MAR steps, "
           f"{cfg.sample.diffusion_steps} diffusion steps, CFG {cfg.sample.cfg}, pre-fill ratio "
           f"{cfg.speculative.ratio}")
     print("| sampler | target passes | draft passes | acceptance | class accuracy | FID-digits "
