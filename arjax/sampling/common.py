@@ -106,13 +106,18 @@ def guided_logits(logits: jax.Array, cfg: SampleConfig, step, num_steps: int) ->
     return cfg_combine(cond, uncond, scale[..., None] if scale.ndim else scale)
 
 
+def processed_logits(logits: jax.Array, cfg: SampleConfig) -> jax.Array:
+    """The logits a token is drawn from: temperature (> 0), then top-k / top-p."""
+    return filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+
+
 def sample_token(key: jax.Array, logits: jax.Array, cfg: SampleConfig
                  ) -> tuple[jax.Array, jax.Array]:
     """logits [B,V] -> (token int32 [B], log p(token) [B]) after temperature/top-k/top-p."""
     if cfg.temperature == 0:
         token = jnp.argmax(logits, axis=-1)
         return token.astype(jnp.int32), jnp.zeros(logits.shape[:-1], jnp.float32)
-    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    logits = processed_logits(logits, cfg)
     token = jax.random.categorical(key, logits, axis=-1)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)
     return token.astype(jnp.int32), logp[:, 0]

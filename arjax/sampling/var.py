@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from arjax.config import check
+from arjax.distill.flow import FlowDraw
 from arjax.models import bind
 from arjax.nn.scales import scale_bounds
 from arjax.sampling.common import (
@@ -88,12 +89,17 @@ def _start(model, labels: jax.Array, guided: bool) -> _Stream:
     return _Stream(model, cond, block_cond, model.init_cache(rows.shape[0]))
 
 
-def _draw(logits, k: int, key, cfg: VARSampleConfig, batch: int, scales: int, codebook):
-    """Scale k's logits over the doubled batch -> (codes int32 [B, n], code vectors h)."""
+def _draw(logits, k: int, key, cfg: VARSampleConfig, batch: int, scales: int, codebook,
+          noise=None, flow: FlowDraw | None = None):
+    """Scale k's logits over the doubled batch -> (codes int32 [B, n], code vectors h); with
+    `flow`, DD1's flow of the scale's `noise` [B, n, C] instead of the categorical draw."""
     if cfg.cfg != 1:
         w = cfg_weight(cfg.cfg, cfg.cfg_schedule, k, scales)
         logits = cfg_combine(logits[:batch], logits[batch:], w)
     logits = cfg.filter(logits, k)
+    if flow is not None:
+        codes = flow.draw(logits, noise)[0]
+        return codes, codebook[codes]
     k_idx, k_gumbel = jax.random.split(jax.random.fold_in(key, k))
     codes = jax.random.categorical(k_idx, logits).astype(jnp.int32)
     if not cfg.smooth:
@@ -111,11 +117,15 @@ def _check_pair(model, vae) -> None:
 
 
 def sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array, labels: jax.Array,
-           cfg: VARSampleConfig) -> Samples:
+           cfg: VARSampleConfig, flow: FlowDraw | None = None) -> Samples:
     """labels int [B] -> Samples(images [B, H, W, 3] in [-1, 1], {"codes": flat codes
-    [B, sum pn^2]}, {"target_passes"})."""
-    return _decode([(bind(graphdef, params), len(bind(graphdef, params).cfg.patch_nums))],
-                   bind(vae_graphdef, vae_params), key, labels, cfg)
+    [B, sum pn^2]}, {"target_passes"}). With `flow` the codes are DD1's flow map
+    (`arjax.distill.flow`): each position's code is the flow of its own noise vector
+    (`flow.noise` [B, L, C] in code order) under the scale's processed distribution."""
+    model = bind(graphdef, params)
+    check(flow is None or not cfg.smooth, "the flow map draws hard codes: sample.smooth=False")
+    return _decode([(model, len(model.cfg.patch_nums))], bind(vae_graphdef, vae_params), key,
+                   labels, cfg, flow)
 
 
 def sample_collaborative(drafter, refiner, vae_graphdef, vae_params, key: jax.Array,
@@ -139,7 +149,7 @@ def sample_collaborative(drafter, refiner, vae_graphdef, vae_params, key: jax.Ar
                    bind(vae_graphdef, vae_params), key, labels, cfg)
 
 
-def _decode(models, vae, key, labels, cfg: VARSampleConfig) -> Samples:
+def _decode(models, vae, key, labels, cfg: VARSampleConfig, flow=None) -> Samples:
     """Scales 0..K-1 by consecutive models [(model, number of scales)]: each later model
     prefills its cache with the next-scale inputs of every earlier scale in one pass."""
     first = models[0][0]
@@ -160,7 +170,7 @@ def _decode(models, vae, key, labels, cfg: VARSampleConfig) -> Samples:
         calls = 0
         for k in range(start, start + count):
             cache, scale_codes, f_hat, nxt, x = _scale(model, vae, s, x, f_hat, k,
-                                                        key, cfg, k > start)
+                                                        key, cfg, k > start, flow)
             s, calls = s._replace(cache=cache), calls + 1
             codes.append(scale_codes)
             if nxt is not None:
@@ -178,7 +188,7 @@ def _doubled(x: jax.Array, guided: bool) -> jax.Array:
 
 
 def _scale(model, vae, s: _Stream, x, f_hat, k: int, key, cfg: VARSampleConfig,
-           cached: bool = True):
+           cached: bool = True, flow: FlowDraw | None = None):
     """Scale k: the transformer over input `x` (the scale's own tokens, or after a prefill
     every earlier scale's too: `cached` False starts at position 0), the draw, the residual
     update of f_hat and the next scale's input. -> (cache, codes, f_hat, next input before
@@ -188,7 +198,8 @@ def _scale(model, vae, s: _Stream, x, f_hat, k: int, key, cfg: VARSampleConfig,
     begin, end = scale_bounds(mcfg.patch_nums)[k]
     logits, cache = model.decode_scale(x, s.cond, s.block_cond, s.cache, begin if cached else 0)
     codes, h = _draw(logits[:, begin - end:], k, key, cfg, f_hat.shape[0], scales,
-                     vae.quantize.embedding.embedding[...])
+                     vae.quantize.embedding.embedding[...],
+                     None if flow is None else flow.noise[:, begin:end], flow)
     f_hat, nxt = vae.quantize.next_input(k, f_hat, h, side)
     x = None if nxt is None else model.embed(None, _doubled(nxt, cfg.cfg != 1), end)
     return cache, codes, f_hat, nxt, x
