@@ -23,7 +23,7 @@ def test_closed_forms_match_autodiff_and_identities():
         for t in (0.9, 0.5, 0.1):
             x = jnp.asarray(rng.normal(size=(5, 3)))
 
-            def log_density(xi):  # log sum_j p_j N(xi; (1 - t) c_j, t^2 I) + const
+            def log_density(xi, t=t):  # log sum_j p_j N(xi; (1 - t) c_j, t^2 I) + const
                 sq = jnp.sum((xi - (1 - t) * codes) ** 2, -1)
                 return jax.nn.logsumexp(logp - sq / (2 * t**2))
 
