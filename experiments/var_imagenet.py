@@ -332,7 +332,7 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     summary["var/params"] = param_count(params)
     return dict(generate=generate, params=params, summary=summary, score=score,
                 step=cfg.var_train.steps, model=(graphdef, params),
-                vae=(vae_graphdef, vae_params))
+                vae=(vae_graphdef, vae_params), tokenizer=(vae_graphdef, vae_params))
 
 
 def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None

@@ -151,6 +151,7 @@ def extract(encode, source, path: str, fingerprint: str, batch: int, mesh,
     complete cache there), resuming a partial extraction.
 
     `encode(images uint8 [n, S, S, 3] as a batch-sharded jax.Array) -> [n, *item]` is jitted
+    (a source may declare other `image_shape` / `image_dtype`: DD's pairs encode indices)
     by the caller; `batch` is the global number of rows per step (each row brings its V views).
     `dtype` of the stored items: uint16 for codes of a vocabulary up to 65,536 (half the
     int32 bytes), float32 for moments; default: what `encode` returns.
@@ -170,7 +171,8 @@ def extract(encode, source, path: str, fingerprint: str, batch: int, mesh,
     steps = -(-most // local_batch)
 
     example = jax.eval_shape(encode, jax.ShapeDtypeStruct(
-        (rows_per_step * views, *source.image_shape), np.uint8, sharding=batch_sharding))
+        (rows_per_step * views, *source.image_shape), getattr(source, "image_dtype", np.uint8),
+        sharding=batch_sharding))
     item_shape, dtype = tuple(example.shape[1:]), np.dtype(dtype or example.dtype)
     meta = {"format": FORMAT, "fingerprint": fingerprint, "num_examples": source.num_examples,
             "num_classes": source.num_classes, "views": views, "item_shape": list(item_shape),

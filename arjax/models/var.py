@@ -172,9 +172,10 @@ class AdaLNBlock(nnx.Module):
             mods = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
         return [mods[:, :, i] for i in range(6)]
 
-    def _residual(self, x, cond, attn, drop=None):
+    def _residual(self, x, cond, attn, drop=None, mid=None):
         """attn: normalised input -> (output, aux); returns (x, aux). `drop` = (key, rate):
-        stochastic depth per sample on both branches (training)."""
+        stochastic depth per sample on both branches (training); `mid` is added to the
+        stream between the two branches (Distilled Decoding's per-block noise/data term)."""
         g1, g2, s1, s2, b1, b2 = self.modulation(cond)
         eps = self.cfg.norm_eps
         keep = lambda branch, k: branch
@@ -184,10 +185,12 @@ class AdaLNBlock(nnx.Module):
                 jax.random.fold_in(key, k), 1 - rate, (x.shape[0], 1, 1)) / (1 - rate)
         out, aux = attn(layer_norm(x, eps) * (1 + s1) + b1)
         x = x + keep(g1 * out, 0)
+        if mid is not None:
+            x = x + mid
         return x + keep(g2 * self.ffn(layer_norm(x, eps) * (1 + s2) + b2), 1), aux
 
-    def __call__(self, x, cond, mask, drop=None):
-        return self._residual(x, cond, lambda h: (self.attn(h, mask), None), drop)[0]
+    def __call__(self, x, cond, mask, drop=None, mid=None):
+        return self._residual(x, cond, lambda h: (self.attn(h, mask), None), drop, mid)[0]
 
     def decode(self, x, cond, cache, begin: int, end: int, mask=None):
         return self._residual(x, cond, lambda h: self.attn.decode(h, cache, begin, end, mask))

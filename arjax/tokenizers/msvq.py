@@ -190,3 +190,12 @@ class MultiScaleVQVAE(nnx.Module):
     def decode(self, codes: list[jax.Array]):
         side = self.cfg.patch_nums[-1]
         return self.decode_f_hat(self.quantize.f_hat(codes, side))
+
+    def decode_vectors(self, h: jax.Array):
+        """Per-scale code-space vectors, flat in code order [B, L, C] (codes' vectors or any:
+        DD's continuous outputs) -> images."""
+        side, f_hat, begin = self.cfg.patch_nums[-1], 0.0, 0
+        for k, pn in enumerate(self.cfg.patch_nums):
+            f_hat = f_hat + self.quantize.upsampled(k, h[:, begin:begin + pn * pn], side)
+            begin += pn * pn
+        return self.decode_f_hat(f_hat)

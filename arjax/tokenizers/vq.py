@@ -177,6 +177,10 @@ class VQTokenizer(nnx.Module):
         return codes.reshape(codes.shape[0], -1)
 
     def decode(self, codes: jax.Array) -> jax.Array:
-        side = int(round(codes.shape[-1] ** 0.5))
-        z_q = self.quantize.codebook()[codes].reshape(codes.shape[0], side, side, -1)
-        return self._decode(z_q)
+        return self.decode_vectors(self.quantize.codebook()[codes])
+
+    def decode_vectors(self, z: jax.Array) -> jax.Array:
+        """Raster-order code-space vectors [B, h*w, C] (codes or any vectors: DD's continuous
+        outputs) -> images."""
+        side = int(round(z.shape[1] ** 0.5))
+        return self._decode(z.reshape(z.shape[0], side, side, -1))

@@ -1,0 +1,92 @@
+"""DD1 sampling: one or a few student passes from Gaussian noise, or a teacher in between.
+
+Few-step (`few_step`, the released `sample.py` / `eval_fewstep.py`): the noise eps [B, L, C]
+is drawn once; for each k in `steps` (units: tokens for LlamaGen, scales for VAR; [0] is one
+step, [0, t2] two) the student reads X_k = (the current vectors before unit k, eps after: the
+*same* noise again) and returns every position; data positions are passed through (their
+tokens are the nearest codes), positions before unit `split` take the logits head's argmax
+code and the rest the continuous head's vector, which the decoder consumes unsnapped.
+
+Teacher-involved (`teacher_involved`, raster teachers): one student step, the teacher
+re-samples tokens s..t2-1 after the first s (categorically, with its own sampler and
+guidance), then one student step at k = t2 finishes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arjax.config import check
+from arjax.models import bind
+from arjax.sampling import raster
+from arjax.sampling.common import SampleConfig
+
+
+def nearest_codes(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """argmin_j |x - c_j|^2 for x [..., C] -> int32 [...] (expanded form, no [.., V, C])."""
+    dist = jnp.sum(codebook * codebook, -1) - 2 * jnp.einsum(
+        "...c,vc->...v", x, codebook, precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+def token_starts(student) -> np.ndarray:
+    """Token index where unit k = 0..U begins (U units: the sequence's tokens or scales)."""
+    return student.unit_starts - 1
+
+
+def check_steps(student, steps: tuple[int, ...], split: int) -> None:
+    units = len(student.unit_starts) - 1
+    check(len(steps) >= 1 and steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))
+          and steps[-1] < units,
+          f"DD steps must start at 0 and increase below {units} units, got {steps}")
+    check(0 <= split <= units, f"DD split must be in [0, {units}], got {split}")
+
+
+def student_step(student, labels, noise, vectors, tokens, k: int, split: int, codebook):
+    """One pass at unit k: -> (vectors [B, L, C], tokens [B, L])."""
+    starts, length = token_starts(student), noise.shape[1]
+    data = jnp.arange(length) < starts[k]
+    x = jnp.where(data[None, :, None], vectors, noise)
+    cont, logits = student(x, labels, jnp.full(labels.shape, k, jnp.int32))
+    tokens = jnp.where(data, nearest_codes(x, codebook), jnp.argmax(logits, -1)).astype(
+        jnp.int32)
+    head = (jnp.arange(length) < starts[split])[None, :, None]
+    vectors = jnp.where(head, codebook[tokens], jnp.where(data[None, :, None], x, cont))
+    return vectors, tokens
+
+
+def few_step(graphdef, params, labels: jax.Array, noise: jax.Array, codebook: jax.Array,
+             steps: tuple[int, ...] = (0,), split: int = 0):
+    """-> (vectors [B, L, C] for the decoder, tokens int32 [B, L], student passes)."""
+    student = bind(graphdef, params)
+    check_steps(student, steps, split)
+    vectors, tokens = noise, jnp.zeros(noise.shape[:2], jnp.int32)
+    for k in steps:
+        vectors, tokens = student_step(student, labels, noise, vectors, tokens, k, split,
+                                       codebook)
+    return vectors, tokens, jnp.int32(len(steps))
+
+
+def teacher_involved(graphdef, params, teacher_graphdef, teacher_params, key: jax.Array,
+                     labels: jax.Array, noise: jax.Array, codebook: jax.Array, t2: int,
+                     start: int, split: int, cfg: SampleConfig):
+    """Raster DD1 with the teacher re-sampling tokens start..t2-1: -> (vectors, tokens,
+    {"student_passes", "teacher_passes"})."""
+    student = bind(graphdef, params)
+    check_steps(student, (0, t2), split)
+    check(0 <= start < t2, f"teacher start must be in [0, t2={t2}), got {start}")
+    tokens = jnp.zeros(noise.shape[:2], jnp.int32)
+    student_passes = 1
+    if start:
+        first, _ = student_step(student, labels, noise, noise, tokens, 0, split, codebook)
+        prefix = nearest_codes(first[:, :start], codebook)  # snapped, as released
+    else:
+        prefix, student_passes = None, 0
+    sampled, stats = raster.sample(teacher_graphdef, teacher_params, key, labels, cfg,
+                                   prefix=prefix, stop=t2)
+    vectors, tokens = student_step(student, labels, noise, codebook[sampled], sampled, t2,
+                                   split, codebook)
+    return vectors, tokens, {"student_passes": jnp.int32(student_passes + 1),
+                             "teacher_passes": stats.target_passes}
