@@ -31,7 +31,14 @@ import numpy as np
 from flax import nnx
 
 from arjax.models.raster_ar import Block, RasterARConfig, _rope_table
-from arjax.models.var import AdaLNBlock, HeadNorm, VARConfig, _linear, layer_norm
+from arjax.models.var import (
+    AdaLNBlock,
+    HeadNorm,
+    VARConfig,
+    _linear,
+    class_conditioning,
+    layer_norm,
+)
 from arjax.nn.layers import RMSNorm
 from arjax.nn.policy import dtypes, float32, remat
 from arjax.nn.scales import scale_bounds, scale_levels
@@ -158,11 +165,7 @@ class DDVAR(nnx.Module):
         (data scales) -> (continuous [B, L, Cv], logits [B, L, V]), float32."""
         cfg = self.cfg
         length = cfg.seq_len + 1
-        cond = self.class_emb(labels)
-        if cfg.shared_aln:
-            block_cond = self.shared_ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
-        else:
-            block_cond = cond
+        cond, block_cond = class_conditioning(self, labels)
         h = jnp.concatenate([cond[:, None] + self.pos_start[...].astype(jnp.float32),
                              self.word_embed(x).astype(jnp.float32)], axis=1)
         levels = scale_levels(dd_var_config(cfg).patch_nums)

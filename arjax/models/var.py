@@ -206,6 +206,16 @@ class HeadNorm(nnx.Module):
         return layer_norm(x, eps) * (1 + scale) + shift
 
 
+def class_conditioning(model, labels):
+    """(cond [B, C] for the head, what each block's AdaLN takes) from a VAR-like module's
+    `class_emb` (and `shared_ada_lin` with `shared_aln`)."""
+    cond = model.class_emb(labels)
+    if model.cfg.shared_aln:
+        shared = model.shared_ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
+        return cond, shared
+    return cond, cond
+
+
 class VAR(nnx.Module):
     def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -232,12 +242,7 @@ class VAR(nnx.Module):
         return scale_levels(self.cfg.patch_nums)
 
     def conditioning(self, labels):
-        """(cond [B, C] for the head, what each block's AdaLN takes)."""
-        cond = self.class_emb(labels)
-        if self.cfg.shared_aln:
-            shared = self.shared_ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 6, -1)
-            return cond, shared
-        return cond, cond
+        return class_conditioning(self, labels)
 
     def embed(self, cond, inputs, begin: int):
         """Token embeddings at positions begin..: the start token (begin == 0, `inputs`
