@@ -116,6 +116,7 @@ def validate(cfg: Config, mesh) -> None:
           f"{cfg.teacher.data}")
     check(cfg.student_ckpt is None,
           "student_ckpt: importing released DD weights is not implemented yet; train here")
+    teacher_module(cfg).validate(cfg.teacher, mesh)
     n = units(cfg)
     check(len(cfg.timesteps) >= 1 and all(0 <= k < n for k in cfg.timesteps),
           f"timesteps must be trajectory points in [0, {n}), got {cfg.timesteps}")
