@@ -34,6 +34,7 @@ from flax import nnx
 
 from arjax import config as cfglib
 from arjax import sharding
+from arjax.convert.dd import load_dd_raster, load_dd_var
 from arjax.data import open_source
 from arjax.distill.flow import time_grid
 from arjax.distill.objective import IdSource, PairSource, dd1_loss, pair_encoder
@@ -89,7 +90,7 @@ class Config(ExperimentConfig):
     timesteps: tuple[int, ...] = (0,)  # trajectory points trained on: DD1's {0, t2}
     cont_weight: float = 1.0  # continuous-head squared error next to the logits head's CE
     student_train: StageConfig = StageConfig()
-    student_ckpt: str | None = None  # unused for now: released DD weights are not importable
+    student_ckpt: str | None = None  # a released DD student (.pt / .pth): skips training
     sample: DDSampleConfig = DDSampleConfig()
 
     @property
@@ -114,8 +115,6 @@ def validate(cfg: Config, mesh) -> None:
     check(cfg.data == cfg.teacher.data,
           f"data must be the teacher's ({cfg.family}.data); got {cfg.data} and "
           f"{cfg.teacher.data}")
-    check(cfg.student_ckpt is None,
-          "student_ckpt: importing released DD weights is not implemented yet; train here")
     teacher_module(cfg).validate(cfg.teacher, mesh)
     n = units(cfg)
     check(len(cfg.timesteps) >= 1 and all(0 <= k < n for k in cfg.timesteps),
@@ -225,8 +224,9 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     producer = fingerprint(teacher["model"][1], teacher=cfg.teacher.model,
                            sample=cfg.teacher.sample, flow=cfg.flow, seed=cfg.seed, pairs=cfg.pairs,
                            tokenizer=fingerprint(teacher["tokenizer"][1]))
-    pairs = cached_codes(encode, IdSource(cfg.pairs, model.num_classes), workdir, "pairs",
-                         producer, cfg.pair_batch, mesh, codes_dtype(vocab), progress)
+    pairs = functools.cache(lambda: cached_codes(  # only when training (or asked for)
+        encode, IdSource(cfg.pairs, model.num_classes), workdir, "pairs", producer,
+        cfg.pair_batch, mesh, codes_dtype(vocab), progress))
 
     student_fn = lambda: student_module(cfg, code_dim, teacher["model"][1])
     graphdef = split(nnx.eval_shape(lambda: student_module(cfg, code_dim)))[0]
@@ -237,13 +237,15 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
                               cfg.seed, open_source(cfg.data, "train").images)
     loss = functools.partial(dd1_loss, noise_key=noise_key, timesteps=cfg.timesteps,
                              cont_weight=cfg.cont_weight)
-    _, params = stage_weights(cfg, "student", student_fn, loss, lambda: PairSource(pairs),
-                              mesh, workdir, progress, None, summary, score, frozen=codebook)
+    load = ((lambda path: load_dd_raster(path, model, code_dim)) if cfg.family == "llamagen"
+            else (lambda path: load_dd_var(path, model)))
+    _, params = stage_weights(cfg, "student", student_fn, loss, lambda: PairSource(pairs()),
+                              mesh, workdir, progress, load, summary, score, frozen=codebook)
     summary["student/params"] = param_count(params)
     summary["teacher/params"] = param_count(teacher["model"][1])
     return dict(generate=generate, params=params, summary=summary, score=score,
                 step=cfg.student_train.steps, model=(graphdef, params), teacher=teacher,
-                codebook=codebook, pairs=pairs)
+                codebook=codebook, pairs=pairs)  # pairs() -> the pair cache
 
 
 def _student_stage(steps: int, batch: int = 64, lr: float = 1e-3) -> StageConfig:

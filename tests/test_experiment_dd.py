@@ -47,7 +47,7 @@ def smoke(family: str, *extra: str):
     ("llamagen", ["llamagen.sample.temperature=0.0"], "temperature > 0"),
     ("var", ["var.sample.smooth=true"], "hard codes"),
     ("llamagen", ["llamagen.model.grid=4"], "model.grid"),
-    ("llamagen", ["student_ckpt=/x.pt"], "not implemented"),
+    ("llamagen", ["student_ckpt=/nonexistent/llamagen-B.pt"], "does not exist"),
     ("llamagen", ["student_train.batch_size=12"], "multiple of the 8"),
 ])
 def test_bad_input_fails_before_compilation(family, overrides, match, no_compilation,

@@ -32,7 +32,8 @@ def load_state_dict(path: str, subkeys: Sequence[str] = WRAPPERS) -> dict[str, n
     """Reads a .pt/.pth/.ckpt (safe unpickler) or .safetensors file into float32 numpy arrays.
 
     The first of `subkeys` present in a dict checkpoint is taken (e.g. LlamaGen's "model",
-    DeepSpeed's "module"); a dict without one must hold the tensors itself.
+    DeepSpeed's "module"; a dotted key walks nested dicts: VAR-DD's "trainer.ema_parameters");
+    a dict without one must hold the tensors itself.
     """
     if not os.path.isfile(path):
         raise CheckpointMismatch(f"checkpoint {path!r} does not exist")
@@ -62,8 +63,11 @@ def load_state_dict(path: str, subkeys: Sequence[str] = WRAPPERS) -> dict[str, n
         raise CheckpointMismatch(f"{path!r} holds a {type(obj).__name__}, not a state_dict")
     top = obj
     for key in subkeys:
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
+        inner = obj
+        for part in key.split("."):
+            inner = inner.get(part) if isinstance(inner, Mapping) else None
+        if isinstance(inner, Mapping):
+            obj = inner
             break
     tensors = {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "detach")}
     if not tensors:
