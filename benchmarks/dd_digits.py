@@ -6,9 +6,9 @@
 Trains (or resumes) `experiments.dd_imagenet --config digits_<family>` in the work dir
 (teacher, flow-map pairs, student), then samples 10 x `per-class` images with: the teacher
 (its own categorical sampler), the teacher's flow map (the same law by construction: a check),
-DD 1-step, DD 2-step (k = 0, t2), teacher-involved (raster teachers: the teacher re-samples
-tokens t2/2..t2-1), and the baseline DD beats, set prediction: every token drawn at once from
-its per-class, per-position marginal (counted on the pair data). Class accuracy and
+DD 1-step, DD 2-step (k = 0, t2), teacher-involved (the teacher re-samples units
+t2/2..t2-1 between the two student passes), and the baseline DD beats, set prediction: every
+token drawn at once from its per-class, per-position marginal (counted on the pair data). Class accuracy and
 FID-digits from the project's digits classifier. Seconds per image at each batch size: the
 median and spread of `rounds` interleaved rounds after compilation, with the load average.
 """
@@ -83,8 +83,7 @@ def main(argv=None) -> None:
             "teacher flow map": (make_generator(flow_fn, mesh, fixed), None),
             "DD 1-step": student((0,)),
             f"DD 2-step (0, {t2})": student((0, t2))}
-    if args.family == "llamagen":
-        gens[f"teacher-involved ({t2 // 2}..{t2 - 1})"] = student((0, t2), t2 // 2)
+    gens[f"teacher-involved ({t2 // 2}..{t2 - 1})"] = student((0, t2), t2 // 2)
     gens["set prediction (marginals)"] = (make_generator(set_prediction, mesh, fixed), None)
     rows, _ = score_and_time(gens, args.per_class, rounds=0)
 

@@ -7,7 +7,7 @@ Run:   python -m experiments.dd_imagenet --config digits_llamagen --workdir runs
            --set var.var_ckpt=/weights/var_d16.pth --set var.tokenizer_ckpt=/weights/vae.pth
 Two steps / teacher-involved sampling of a trained work dir (a new samples/<tag>/):
        ... --set sample.steps=[0,20]                       student at k = 0, then at k = 20
-       ... --set sample.steps=[0,20] --set sample.teacher_start=8   (raster teachers)
+       ... --set sample.steps=[0,20] --set sample.teacher_start=8   (teacher-involved)
 
 Stages: (1) the teacher is its own experiment (`experiments.llamagen_imagenet` or
 `experiments.var_imagenet`, its whole config under `llamagen` or `var`) trained, resumed or
@@ -53,6 +53,7 @@ from arjax.experiment.pipeline import (
     stage_weights,
 )
 from arjax.models import bind, param_count, split
+from arjax.nn.scales import scale_bounds
 from arjax.optim import OptimConfig
 from arjax.sampling import raster
 from arjax.sampling import var as var_sampling
@@ -130,8 +131,6 @@ def validate(cfg: Config, mesh) -> None:
     else:
         check(not cfg.teacher.sample.smooth, "the flow map draws hard codes: var.sample.smooth")
     if sc.teacher_start >= 0:
-        check(cfg.family == "llamagen",
-              "teacher-involved sampling (sample.teacher_start) is for LlamaGen teachers")
         check(len(sc.steps) == 2 and 0 <= sc.teacher_start < sc.steps[1],
               f"sample.teacher_start={sc.teacher_start} needs sample.steps=[0, t2] with "
               f"teacher_start < t2, got {sc.steps}")
@@ -181,13 +180,31 @@ def flow_sampler(cfg: Config, teacher):
                                                     sample, flow).aux["codes"]
 
 
+def teacher_sampler(cfg: Config, teacher, graph_params, key, labels):
+    """The teacher's categorical sampler for DD's teacher-involved mode: (prefix tokens or
+    None, start unit, stop unit) -> (token ids [B, L], counted passes)."""
+    graphdef, params = graph_params
+    if cfg.family == "llamagen":
+        def run(prefix, start, stop):
+            tokens, stats = raster.sample(graphdef, params, key, labels, cfg.teacher.sample,
+                                          prefix=prefix, stop=stop)
+            return tokens, stats.target_passes
+        return run
+    bounds = scale_bounds(cfg.teacher.model.patch_nums)
+
+    def run(prefix, start, stop):
+        scales = None if prefix is None else [prefix[:, a:b] for a, b in bounds[:start]]
+        out = var_sampling.sample(graphdef, params, *teacher["tokenizer"], key, labels,
+                                  cfg.teacher.sample, prefix=scales, stop=stop)
+        return out.aux["codes"], out.stats["target_passes"]
+    return run
+
+
 def make_sampler(cfg: Config, graphdef, teacher, codebook, mesh):
     """params -> Generated: `sample.steps` student passes (or teacher-involved), then the
     tokenizer decodes the vectors (continuous outputs unsnapped) in the same jit."""
     sc, (tok_graphdef, tok_params) = cfg.sample, teacher["tokenizer"]
-    model = cfg.teacher.model
-    length = model.seq_len
-    code_dim = codebook.shape[-1]
+    length, code_dim = cfg.teacher.model.seq_len, codebook.shape[-1]
     fixed = {"tokenizer": tok_params, "codebook": codebook,
              "teacher": teacher["model"][1] if sc.teacher_start >= 0 else None}
 
@@ -195,9 +212,11 @@ def make_sampler(cfg: Config, graphdef, teacher, codebook, mesh):
         k_noise, k_teacher = jax.random.split(key)
         noise = jax.random.normal(k_noise, (labels.shape[0], length, code_dim))
         if sc.teacher_start >= 0:
+            run = teacher_sampler(cfg, teacher, (teacher["model"][0], f["teacher"]),
+                                  k_teacher, labels)
             vectors, tokens, stats = teacher_involved(
-                graphdef, p, teacher["model"][0], f["teacher"], k_teacher, labels, noise,
-                f["codebook"], sc.steps[1], sc.teacher_start, sc.split, cfg.teacher.sample)
+                graphdef, p, run, labels, noise, f["codebook"], sc.steps[1], sc.teacher_start,
+                sc.split)
             stats = {**stats, "target_passes": stats["student_passes"]
                      + stats["teacher_passes"]}
         else:

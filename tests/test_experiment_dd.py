@@ -38,7 +38,7 @@ def smoke(family: str, *extra: str):
     ("var", ["timesteps=[0,6]"], "timesteps"),
     ("llamagen", ["sample.steps=[1]"], "sample.steps"),
     ("llamagen", ["sample.split=65"], "sample.split"),
-    ("var", ["sample.teacher_start=0", "sample.steps=[0,3]"], "LlamaGen teachers"),
+    ("var", ["sample.teacher_start=3", "sample.steps=[0,3]"], "teacher_start"),
     ("llamagen", ["sample.teacher_start=20", "sample.steps=[0,20]"], "teacher_start"),
     ("llamagen", ["pairs=8"], "pairs=8"),
     ("llamagen", ["pair_batch=12"], "multiple of the 8"),
@@ -84,9 +84,12 @@ def test_digits_run_on_8_devices(family, tmp_path, devices):
     # teacher, teacher-involved) without training anything again
     two = exp.run(smoke(family, "sample.steps=[0,2]"), str(tmp_path), progress=False)
     assert two["sample/target_passes"] == 2
-    if family == "llamagen":
-        mixed = exp.run(smoke(family, "sample.steps=[0,4]", "sample.teacher_start=1"),
-                        str(tmp_path), progress=False)
-        # one student pass, the teacher's prefill + tokens 1..3, the last student pass
-        assert mixed["sample/teacher_passes"] == 4 and mixed["sample/student_passes"] == 2
-        assert np.asarray(mixed["images"]).shape == (8, 32, 32, 3)
+    t2 = 4 if family == "llamagen" else 3
+    mixed = exp.run(smoke(family, f"sample.steps=[0,{t2}]", "sample.teacher_start=1"),
+                    str(tmp_path), progress=False)
+    # a student pass, the teacher on units 1..t2-1 (LlamaGen: + one prefill pass of token 0;
+    # VAR prefills inside its first scale's pass), the last student pass
+    teacher_passes = t2 if family == "llamagen" else t2 - 1
+    assert mixed["sample/teacher_passes"] == teacher_passes
+    assert mixed["sample/student_passes"] == 2
+    assert np.asarray(mixed["images"]).shape == (8, 32, 32, 3)

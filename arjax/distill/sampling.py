@@ -7,9 +7,9 @@ step, [0, t2] two) the student reads X_k = (the current vectors before unit k, e
 tokens are the nearest codes), positions before unit `split` take the logits head's argmax
 code and the rest the continuous head's vector, which the decoder consumes unsnapped.
 
-Teacher-involved (`teacher_involved`, raster teachers): one student step, the teacher
-re-samples tokens s..t2-1 after the first s (categorically, with its own sampler and
-guidance), then one student step at k = t2 finishes.
+Teacher-involved (`teacher_involved`): one student step, the teacher re-samples units s..t2-1
+after the first s (categorically, with its own sampler and guidance: tokens for LlamaGen,
+scales for VAR), then one student step at k = t2 finishes.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import numpy as np
 
 from arjax.config import check
 from arjax.models import bind
-from arjax.sampling import raster
-from arjax.sampling.common import SampleConfig
 
 
 def nearest_codes(x: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -69,24 +67,23 @@ def few_step(graphdef, params, labels: jax.Array, noise: jax.Array, codebook: ja
     return vectors, tokens, jnp.int32(len(steps))
 
 
-def teacher_involved(graphdef, params, teacher_graphdef, teacher_params, key: jax.Array,
-                     labels: jax.Array, noise: jax.Array, codebook: jax.Array, t2: int,
-                     start: int, split: int, cfg: SampleConfig):
-    """Raster DD1 with the teacher re-sampling tokens start..t2-1: -> (vectors, tokens,
+def teacher_involved(graphdef, params, teacher, labels: jax.Array, noise: jax.Array,
+                     codebook: jax.Array, t2: int, start: int, split: int):
+    """DD1 with the teacher re-sampling units start..t2-1: `teacher(prefix, start, stop)`
+    (prefix = the student's first `start` units of tokens, snapped, or None) -> (its token
+    ids [B, L] with units < stop made, its counted passes). -> (vectors, tokens,
     {"student_passes", "teacher_passes"})."""
     student = bind(graphdef, params)
     check_steps(student, (0, t2), split)
     check(0 <= start < t2, f"teacher start must be in [0, t2={t2}), got {start}")
-    tokens = jnp.zeros(noise.shape[:2], jnp.int32)
-    student_passes = 1
+    prefix, student_passes = None, 1
     if start:
-        first, _ = student_step(student, labels, noise, noise, tokens, 0, split, codebook)
-        prefix = nearest_codes(first[:, :start], codebook)  # snapped, as released
-    else:
-        prefix, student_passes = None, 0
-    sampled, stats = raster.sample(teacher_graphdef, teacher_params, key, labels, cfg,
-                                   prefix=prefix, stop=t2)
+        first, _ = student_step(student, labels, noise, noise,
+                                jnp.zeros(noise.shape[:2], jnp.int32), 0, split, codebook)
+        prefix = nearest_codes(first[:, :token_starts(student)[start]], codebook)  # snapped
+        student_passes = 2
+    sampled, teacher_passes = teacher(prefix, start, t2)
     vectors, tokens = student_step(student, labels, noise, codebook[sampled], sampled, t2,
                                    split, codebook)
-    return vectors, tokens, {"student_passes": jnp.int32(student_passes + 1),
-                             "teacher_passes": stats.target_passes}
+    return vectors, tokens, {"student_passes": jnp.int32(student_passes),
+                             "teacher_passes": teacher_passes}

@@ -117,15 +117,24 @@ def _check_pair(model, vae) -> None:
 
 
 def sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array, labels: jax.Array,
-           cfg: VARSampleConfig, flow: FlowDraw | None = None) -> Samples:
+           cfg: VARSampleConfig, flow: FlowDraw | None = None,
+           prefix: list[jax.Array] | None = None, stop: int | None = None) -> Samples:
     """labels int [B] -> Samples(images [B, H, W, 3] in [-1, 1], {"codes": flat codes
     [B, sum pn^2]}, {"target_passes"}). With `flow` the codes are DD1's flow map
     (`arjax.distill.flow`): each position's code is the flow of its own noise vector
-    (`flow.noise` [B, L, C] in code order) under the scale's processed distribution."""
+    (`flow.noise` [B, L, C] in code order) under the scale's processed distribution.
+    `prefix` (the codes [B, pn^2] of scales 0..s-1) fixes those scales (one prefill pass of
+    their inputs, counted) and sampling stops before scale `stop` (later codes 0, the image
+    only from the scales made): DD's teacher-involved sampling re-samples such a span."""
     model = bind(graphdef, params)
     check(flow is None or not cfg.smooth, "the flow map draws hard codes: sample.smooth=False")
-    return _decode([(model, len(model.cfg.patch_nums))], bind(vae_graphdef, vae_params), key,
-                   labels, cfg, flow)
+    scales = len(model.cfg.patch_nums)
+    start, stop = len(prefix or ()), scales if stop is None else stop
+    check(0 <= start < stop <= scales,
+          f"a prefix of {start} scales and stop={stop} must satisfy 0 <= prefix < stop <= "
+          f"{scales}")
+    return _decode([(model, stop - start)], bind(vae_graphdef, vae_params), key, labels, cfg,
+                   flow, prefix or [])
 
 
 def sample_collaborative(drafter, refiner, vae_graphdef, vae_params, key: jax.Array,
@@ -149,9 +158,10 @@ def sample_collaborative(drafter, refiner, vae_graphdef, vae_params, key: jax.Ar
                    bind(vae_graphdef, vae_params), key, labels, cfg)
 
 
-def _decode(models, vae, key, labels, cfg: VARSampleConfig, flow=None) -> Samples:
-    """Scales 0..K-1 by consecutive models [(model, number of scales)]: each later model
-    prefills its cache with the next-scale inputs of every earlier scale in one pass."""
+def _decode(models, vae, key, labels, cfg: VARSampleConfig, flow=None, prefix=()) -> Samples:
+    """Scales after the given `prefix` codes by consecutive models [(model, number of
+    scales)]: each model after the first scale prefills its cache with the next-scale inputs of
+    every earlier scale in one pass."""
     first = models[0][0]
     for model, _ in models:
         _check_pair(model, vae)
@@ -161,6 +171,10 @@ def _decode(models, vae, key, labels, cfg: VARSampleConfig, flow=None) -> Sample
     batch, guided = labels.shape[0], cfg.cfg != 1
     f_hat = jnp.zeros((batch, side, side, mcfg.codebook_dim))
     codes, inputs, stats, start = [], [], {}, 0
+    table = vae.quantize.embedding.embedding[...]
+    for k, given in enumerate(prefix):
+        f_hat, nxt = vae.quantize.next_input(k, f_hat, table[given], side)
+        codes, inputs, start = codes + [given.astype(jnp.int32)], inputs + [nxt], k + 1
     for i, (model, count) in enumerate(models):
         s = _start(model, labels, guided)
         x = model.embed(s.cond, None, 0)
@@ -180,7 +194,9 @@ def _decode(models, vae, key, labels, cfg: VARSampleConfig, flow=None) -> Sample
         stats[name] = jnp.int32(calls)  # a prefill is one call
     if len(models) > 1:
         stats["target_passes"] = stats["drafter_passes"] + stats["refiner_passes"]
-    return Samples(vae.decode_f_hat(f_hat), {"codes": jnp.concatenate(codes, axis=1)}, stats)
+    flat = jnp.concatenate(codes, axis=1)
+    flat = jnp.pad(flat, ((0, 0), (0, mcfg.seq_len - flat.shape[1])))  # scales not made: 0
+    return Samples(vae.decode_f_hat(f_hat), {"codes": flat}, stats)
 
 
 def _doubled(x: jax.Array, guided: bool) -> jax.Array:
