@@ -10,7 +10,8 @@ DD 1-step, DD 2-step (k = 0, t2), teacher-involved (the teacher re-samples units
 t2/2..t2-1 between the two student passes), and the baseline DD beats, set prediction: every
 token drawn at once from its per-class, per-position marginal (counted on the pair data).
 Class accuracy and FID-digits from the project's digits classifier. Seconds per image at each
-batch size: the median and spread of `rounds` interleaved rounds after compilation, with the load average.
+batch size: the median and spread of `rounds` interleaved rounds after compilation, with the
+load average.
 """
 
 from __future__ import annotations
