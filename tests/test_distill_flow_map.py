@@ -127,3 +127,17 @@ def test_var_flow_map_draws_the_teachers_guided_filtered_joint():
         f).aux["codes"])(var[1], vae[1], flow._replace(noise=noise[:64].at[:, 2].add(3.0)))
     np.testing.assert_array_equal(np.delete(np.asarray(moved), 2, 1),
                                   np.delete(np.asarray(codes[:64]), 2, 1))
+
+
+def test_flow_map_is_the_same_on_one_and_eight_devices(devices):
+    """Pairs are generated sharded over the mesh: the tokens must not depend on the layout."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    model = _gpt()
+    noise = jax.random.normal(jax.random.key(4), (64, 4, 2))
+    one = _flow_map(model, 1, jax.device_put(noise, devices[0]))
+    spread = jax.device_put(noise, NamedSharding(Mesh(np.asarray(devices), ("data",)),
+                                                 PartitionSpec("data")))
+    eight = _flow_map(model, 1, spread)
+    assert len(eight.sharding.device_set) == 8
+    np.testing.assert_array_equal(one, eight)
