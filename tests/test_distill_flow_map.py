@@ -66,7 +66,7 @@ def test_raster_flow_map_draws_the_teachers_guided_filtered_joint():
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
     log_joint = np.asarray(logp.sum(-1), np.float64)
     np.testing.assert_allclose(np.exp(log_joint).sum(), 1, atol=1e-5)
-    noise = jax.random.normal(jax.random.key(1), (200_000, 4, 2))
+    noise = jax.random.normal(jax.random.key(1), (100_000, 4, 2))
     _check_law(np.asarray(_flow_map(model, 1, noise)), log_joint, cells)
 
 
