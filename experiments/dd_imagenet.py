@@ -275,12 +275,12 @@ def _student_stage(steps: int, batch: int = 64, lr: float = 1e-3) -> StageConfig
 
 DIGITS_LLAMAGEN = Config(
     data=DIGITS_DATA, llamagen=llamagen_imagenet.DIGITS, pairs=20_000, timesteps=(0, 20),
-    student_train=_student_stage(4000), sample=DDSampleConfig(steps=(0,), split=20),
+    student_train=_student_stage(2000), sample=DDSampleConfig(steps=(0,), split=20),
     eval_samples_per_class=40)
 
 DIGITS_VAR = Config(
     data=DIGITS_DATA, var=var_imagenet.DIGITS, pairs=20_000, timesteps=(0, 3),
-    student_train=_student_stage(4000), sample=DDSampleConfig(steps=(0,), split=3),
+    student_train=_student_stage(2000), sample=DDSampleConfig(steps=(0,), split=3),
     eval_samples_per_class=40)
 
 
