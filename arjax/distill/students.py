@@ -32,10 +32,9 @@ from flax import nnx
 
 from arjax.models.raster_ar import Block, RasterARConfig, _rope_table
 from arjax.models.var import (
-    AdaLNBlock,
-    HeadNorm,
     VARConfig,
     _linear,
+    build_trunk,
     class_conditioning,
     layer_norm,
 )
@@ -128,23 +127,8 @@ class DDVAR(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         wide = dd_var_config(cfg)
-        c, std = cfg.dim, math.sqrt(1 / (3 * cfg.dim))
-        f32 = float32(cfg)
-        trunc = nnx.initializers.truncated_normal(std)
-        normal = lambda shape: nnx.Param((jnp.clip(jax.random.normal(rngs.params(), shape),
-                                                   -2, 2) * std).astype(cfg.param_dtype))
-        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, rngs=rngs, **f32,
-                                   embedding_init=trunc)
-        self.pos_start = normal((1, 1, c))
-        self.pos_1LC = normal((1, wide.seq_len, c))
-        self.lvl_embed = nnx.Embed(len(wide.patch_nums), c, rngs=rngs, **f32,
-                                   embedding_init=trunc)
-        self.word_embed = _linear(cfg.codebook_dim, c, rngs, std, **dtypes(cfg))
-        if cfg.shared_aln:
-            self.shared_ada_lin = _linear(c, 6 * c, rngs, std, **f32)
-        self.blocks = nnx.List([AdaLNBlock(cfg, std, rngs=rngs) for _ in range(cfg.depth)])
-        self.head_nm = HeadNorm(c, std, rngs=rngs, **f32)
-        self.head = _linear(c, cfg.vocab_size, rngs, std * 0.02, **f32)
+        build_trunk(self, cfg, wide.seq_len, len(wide.patch_nums), rngs)
+        c, std, f32 = cfg.dim, math.sqrt(1 / (3 * cfg.dim)), float32(cfg)
         self.n_d_embed = nnx.Embed(2, c, rngs=rngs, **f32,
                                    embedding_init=nnx.initializers.truncated_normal(0.02))
         self.layerwise_n_d_embed = nnx.List([_linear(c, c, rngs, std, **f32)

@@ -216,26 +216,32 @@ def class_conditioning(model, labels):
     return cond, cond
 
 
+def build_trunk(module, cfg: VARConfig, positions: int, levels: int, rngs: nnx.Rngs):
+    """VAR's parameters on `module`, with `positions` rows of position embedding and `levels`
+    of level embedding (Distilled Decoding's student adds a level and a position)."""
+    c, std = cfg.dim, math.sqrt(1 / (3 * cfg.dim))
+    f32 = float32(cfg)  # embeddings, AdaLN and the head: float32 (residual stream too)
+    normal = lambda shape: nnx.Param((jnp.clip(jax.random.normal(rngs.params(), shape),
+                                               -2, 2) * std).astype(cfg.param_dtype))
+    module.class_emb = nnx.Embed(cfg.num_classes + 1, c, rngs=rngs, **f32,
+                                 embedding_init=nnx.initializers.truncated_normal(std))
+    module.pos_start = normal((1, 1, c))
+    module.pos_1LC = normal((1, positions, c))
+    module.lvl_embed = nnx.Embed(levels, c, rngs=rngs, **f32,
+                                 embedding_init=nnx.initializers.truncated_normal(std))
+    module.word_embed = _linear(cfg.codebook_dim, c, rngs, std, **dtypes(cfg))
+    if cfg.shared_aln:
+        module.shared_ada_lin = _linear(c, 6 * c, rngs, std, **f32)
+    module.blocks = nnx.List([AdaLNBlock(cfg, std, rngs=rngs) for _ in range(cfg.depth)])
+    module.head_nm = HeadNorm(c, std, rngs=rngs, **f32)
+    module.head = _linear(c, cfg.vocab_size, rngs, std * 0.02, **f32)
+
+
 class VAR(nnx.Module):
     def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
-        c, std = cfg.dim, math.sqrt(1 / (3 * cfg.dim))
-        f32 = float32(cfg)  # embeddings, AdaLN and the head: float32 (residual stream too)
-        normal = lambda shape: nnx.Param((jnp.clip(jax.random.normal(rngs.params(), shape),
-                                                   -2, 2) * std).astype(cfg.param_dtype))
-        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, rngs=rngs, **f32,
-                                   embedding_init=nnx.initializers.truncated_normal(std))
-        self.pos_start = normal((1, 1, c))
-        self.pos_1LC = normal((1, cfg.seq_len, c))
-        self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, rngs=rngs, **f32,
-                                   embedding_init=nnx.initializers.truncated_normal(std))
-        self.word_embed = _linear(cfg.codebook_dim, c, rngs, std, **dtypes(cfg))
-        if cfg.shared_aln:
-            self.shared_ada_lin = _linear(c, 6 * c, rngs, std, **f32)
-        self.blocks = nnx.List([AdaLNBlock(cfg, std, rngs=rngs) for _ in range(cfg.depth)])
-        self.head_nm = HeadNorm(c, std, rngs=rngs, **f32)
-        self.head = _linear(c, cfg.vocab_size, rngs, std * 0.02, **f32)
+        build_trunk(self, cfg, cfg.seq_len, len(cfg.patch_nums), rngs)
 
     @property
     def levels(self) -> np.ndarray:
