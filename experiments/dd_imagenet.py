@@ -38,7 +38,7 @@ from arjax.convert.dd import load_dd_raster, load_dd_var
 from arjax.data import open_source
 from arjax.distill.flow import time_grid
 from arjax.distill.objective import IdSource, PairSource, dd1_loss, pair_encoder
-from arjax.distill.sampling import few_step, teacher_involved
+from arjax.distill.sampling import check_steps, few_step, teacher_involved
 from arjax.distill.students import DDVAR, DDRaster, raster_from_teacher, var_from_teacher
 from arjax.experiment.base import DIGITS_DATA, ExperimentConfig
 from arjax.experiment.cli import cli, run_experiment
@@ -134,10 +134,7 @@ def validate(cfg: Config, mesh) -> None:
         check(len(sc.steps) == 2 and 0 <= sc.teacher_start < sc.steps[1],
               f"sample.teacher_start={sc.teacher_start} needs sample.steps=[0, t2] with "
               f"teacher_start < t2, got {sc.steps}")
-    check(len(sc.steps) >= 1 and sc.steps[0] == 0
-          and all(a < b for a, b in zip(sc.steps, sc.steps[1:])) and sc.steps[-1] < n,
-          f"sample.steps must start at 0 and increase below {n}, got {sc.steps}")
-    check(0 <= sc.split <= n, f"sample.split must be in [0, {n}], got {sc.split}")
+    check_steps(n, sc.steps, sc.split, "sample.")
     check(cfg.cont_weight >= 0, f"cont_weight must be >= 0, got {cfg.cont_weight}")
     check_stages(cfg, mesh, "student")
     sharding.check_batch(cfg.pair_batch, mesh, "pair_batch")

@@ -34,12 +34,17 @@ def token_starts(student) -> np.ndarray:
     return student.unit_starts - 1
 
 
-def check_steps(student, steps: tuple[int, ...], split: int) -> None:
-    units = len(student.unit_starts) - 1
+def check_steps(units: int, steps: tuple[int, ...], split: int, prefix: str = "DD ") -> None:
+    """Trajectory points start at 0 and increase below the `units`; the split lies in
+    [0, units]. `prefix` names the fields in the message ("sample." in an experiment)."""
     check(len(steps) >= 1 and steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))
           and steps[-1] < units,
-          f"DD steps must start at 0 and increase below {units} units, got {steps}")
-    check(0 <= split <= units, f"DD split must be in [0, {units}], got {split}")
+          f"{prefix}steps must start at 0 and increase below {units} units, got {steps}")
+    check(0 <= split <= units, f"{prefix}split must be in [0, {units}], got {split}")
+
+
+def units_of(student) -> int:
+    return len(student.unit_starts) - 1
 
 
 def student_step(student, labels, noise, vectors, tokens, k: int, split: int, codebook):
@@ -59,7 +64,7 @@ def few_step(graphdef, params, labels: jax.Array, noise: jax.Array, codebook: ja
              steps: tuple[int, ...] = (0,), split: int = 0):
     """-> (vectors [B, L, C] for the decoder, tokens int32 [B, L], student passes)."""
     student = bind(graphdef, params)
-    check_steps(student, steps, split)
+    check_steps(units_of(student), steps, split)
     vectors, tokens = noise, jnp.zeros(noise.shape[:2], jnp.int32)
     for k in steps:
         vectors, tokens = student_step(student, labels, noise, vectors, tokens, k, split,
@@ -74,7 +79,7 @@ def teacher_involved(graphdef, params, teacher, labels: jax.Array, noise: jax.Ar
     ids [B, L] with units < stop made, its counted passes). -> (vectors, tokens,
     {"student_passes", "teacher_passes"})."""
     student = bind(graphdef, params)
-    check_steps(student, (0, t2), split)
+    check_steps(units_of(student), (0, t2), split)
     check(0 <= start < t2, f"teacher start must be in [0, t2={t2}), got {start}")
     prefix, student_passes = None, 1
     if start:
