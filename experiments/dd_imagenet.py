@@ -225,6 +225,27 @@ def make_sampler(cfg: Config, graphdef, teacher, codebook, mesh):
     return make_generator(fn, mesh, fixed)
 
 
+def pair_noise_key(cfg) -> jax.Array:
+    return jax.random.key(cfg.seed + 7)
+
+
+def teacher_pairs(cfg, teacher, codebook, workdir, mesh, progress: bool = True):
+    """() -> the pair cache (`CodeStore`): `cfg.pairs` examples, example i of label
+    i mod classes with the teacher's flow-mapped tokens of the noise from fold_in(
+    `pair_noise_key(cfg)`, i): teacher samples with their noise. Generated (or resumed) on
+    the first call only."""
+    model = cfg.teacher.model
+    (vocab, code_dim) = codebook.shape
+    encode = pair_encoder(flow_sampler(cfg, teacher), pair_noise_key(cfg), model.num_classes,
+                          model.seq_len, code_dim, codebook, jnp.asarray(cfg.flow.grid()))
+    producer = fingerprint(teacher["model"][1], teacher=model, sample=cfg.teacher.sample,
+                           flow=cfg.flow, seed=cfg.seed, pairs=cfg.pairs,
+                           tokenizer=fingerprint(teacher["tokenizer"][1]))
+    return functools.cache(lambda: cached_codes(
+        encode, IdSource(cfg.pairs, model.num_classes), workdir, "pairs", producer,
+        cfg.pair_batch, mesh, codes_dtype(vocab), progress))
+
+
 def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
@@ -233,17 +254,9 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
     summary = {f"teacher/{k}": v for k, v in teacher["summary"].items()}
     codebook = codebook_of(cfg, teacher["tokenizer"])
     model = cfg.teacher.model
-    length, (vocab, code_dim) = model.seq_len, codebook.shape
-    noise_key = jax.random.key(cfg.seed + 7)
-    encode = pair_encoder(flow_sampler(cfg, teacher), noise_key, model.num_classes, length,
-                          code_dim, codebook, jnp.asarray(cfg.flow.grid()))
-    producer = fingerprint(teacher["model"][1], teacher=cfg.teacher.model,
-                           sample=cfg.teacher.sample, flow=cfg.flow, seed=cfg.seed, pairs=cfg.pairs,
-                           tokenizer=fingerprint(teacher["tokenizer"][1]))
-    pairs = functools.cache(lambda: cached_codes(  # only when training (or asked for)
-        encode, IdSource(cfg.pairs, model.num_classes), workdir, "pairs", producer,
-        cfg.pair_batch, mesh, codes_dtype(vocab), progress))
-
+    code_dim = codebook.shape[-1]
+    noise_key = pair_noise_key(cfg)
+    pairs = teacher_pairs(cfg, teacher, codebook, workdir, mesh, progress)
     student_fn = lambda: student_module(cfg, code_dim, teacher["model"][1])
     graphdef = split(nnx.eval_shape(lambda: student_module(cfg, code_dim)))[0]
     generate = make_sampler(cfg, graphdef, teacher, codebook, mesh)

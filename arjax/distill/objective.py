@@ -37,6 +37,10 @@ class IdSource:
         return {"image": indices.astype(np.int32)[:, None],
                 "label": (indices % self.num_classes).astype(np.int32)}
 
+    def get(self, indices, views) -> dict[str, np.ndarray]:
+        """As a training source (`Batches`): labels only (DD2's generator needs no data)."""
+        return self.all_views(indices)
+
 
 class PairSource:
     """A pair cache (`CodeStore`) whose batches also carry each example's index."""

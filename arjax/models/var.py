@@ -216,9 +216,11 @@ def class_conditioning(model, labels):
     return cond, cond
 
 
-def build_trunk(module, cfg: VARConfig, positions: int, levels: int, rngs: nnx.Rngs):
+def build_trunk(module, cfg: VARConfig, positions: int, levels: int, rngs: nnx.Rngs,
+                logits: bool = True):
     """VAR's parameters on `module`, with `positions` rows of position embedding and `levels`
-    of level embedding (Distilled Decoding's student adds a level and a position)."""
+    of level embedding (Distilled Decoding's student adds a level and a position); without
+    `logits` no logits head (DD2's networks end in a velocity head instead)."""
     c, std = cfg.dim, math.sqrt(1 / (3 * cfg.dim))
     f32 = float32(cfg)  # embeddings, AdaLN and the head: float32 (residual stream too)
     normal = lambda shape: nnx.Param((jnp.clip(jax.random.normal(rngs.params(), shape),
@@ -234,7 +236,8 @@ def build_trunk(module, cfg: VARConfig, positions: int, levels: int, rngs: nnx.R
         module.shared_ada_lin = _linear(c, 6 * c, rngs, std, **f32)
     module.blocks = nnx.List([AdaLNBlock(cfg, std, rngs=rngs) for _ in range(cfg.depth)])
     module.head_nm = HeadNorm(c, std, rngs=rngs, **f32)
-    module.head = _linear(c, cfg.vocab_size, rngs, std * 0.02, **f32)
+    if logits:
+        module.head = _linear(c, cfg.vocab_size, rngs, std * 0.02, **f32)
 
 
 class VAR(nnx.Module):
@@ -268,6 +271,16 @@ class VAR(nnx.Module):
         """Teacher forcing: labels [B], inputs [B, L - pn0^2, Cv] -> logits [B, L, V].
         With `key` (training) labels drop to the null class with rate label_drop and blocks
         are skipped per sample with rates rising linearly to drop_path (stochastic depth)."""
+        return self.logits(*self.hidden(labels, inputs, key=key))
+
+    def features(self, labels, inputs):
+        """What the logits head reads: the head's AdaLN norm of the last hidden state
+        [B, L, C], float32 (position i sees the class and the scales before its own)."""
+        x, cond = self.hidden(labels, inputs)
+        return self.head_nm(x.astype(jnp.float32), cond, self.cfg.norm_eps)
+
+    def hidden(self, labels, inputs, *, key=None):
+        """The teacher-forced trunk: (last hidden state [B, L, C], class condition)."""
         if key is not None and self.cfg.label_drop > 0:
             drop = jax.random.bernoulli(key, self.cfg.label_drop, labels.shape)
             labels = jnp.where(drop, self.cfg.num_classes, labels)
@@ -282,7 +295,7 @@ class VAR(nnx.Module):
         for i, block in enumerate(self.blocks):
             x = run(float(rates[i]))(block, x,
                                      None if key is None else jax.random.fold_in(key, i + 1))
-        return self.logits(x, cond)
+        return x, cond
 
     def init_cache(self, batch: int):
         cfg = self.cfg

@@ -63,6 +63,14 @@ class VARSampleConfig:
             check(scales is None or n in (0, scales),
                   f"sample.{name} has {n} values; give one per scale ({scales}) or none")
 
+    def processed(self, logits: jax.Array, k: int, scales: int, batch: int) -> jax.Array:
+        """Scale k's logits over the doubled batch [cond; null] (just [B] without guidance)
+        -> the logits its tokens are drawn from: the guided combination, then `filter`."""
+        if self.cfg != 1:
+            w = cfg_weight(self.cfg, self.cfg_schedule, k, scales)
+            logits = cfg_combine(logits[:batch], logits[batch:], w)
+        return self.filter(logits, k)
+
     def filter(self, logits: jax.Array, k: int) -> jax.Array:
         """Scale k's guided logits -> the logits it samples from: temperature (before or,
         CoDe's order, after the filter), then top-k / top-p."""
@@ -93,10 +101,7 @@ def _draw(logits, k: int, key, cfg: VARSampleConfig, batch: int, scales: int, co
           noise=None, flow: FlowDraw | None = None):
     """Scale k's logits over the doubled batch -> (codes int32 [B, n], code vectors h); with
     `flow`, DD1's flow of the scale's `noise` [B, n, C] instead of the categorical draw."""
-    if cfg.cfg != 1:
-        w = cfg_weight(cfg.cfg, cfg.cfg_schedule, k, scales)
-        logits = cfg_combine(logits[:batch], logits[batch:], w)
-    logits = cfg.filter(logits, k)
+    logits = cfg.processed(logits, k, scales, batch)
     if flow is not None:
         codes = flow.draw(logits, noise)[0]
         return codes, codebook[codes]

@@ -144,11 +144,17 @@ class MultiScaleQuantizer(nnx.Module):
 
     def teacher_inputs(self, codes: list[jax.Array], side: int):
         """VAR's training input: [B, L - patch_nums[0]^2, C] for scales 1..K-1."""
-        f_hat = jnp.zeros((codes[0].shape[0], side, side, self.cfg.codebook_dim))
-        inputs = []
-        for k in range(len(codes) - 1):
-            f_hat, nxt = self.next_input(k, f_hat, self.embedding(codes[k]), side)
+        return self.vector_inputs(jnp.concatenate([self.embedding(c) for c in codes], 1), side)
+
+    def vector_inputs(self, h: jax.Array, side: int):
+        """`teacher_inputs` of any code-space vectors h [B, L, C] in code order (not only
+        codebook rows: DD2 feeds generated vectors and noise)."""
+        f_hat = jnp.zeros((h.shape[0], side, side, self.cfg.codebook_dim))
+        inputs, begin = [], 0
+        for k, pn in enumerate(self.cfg.patch_nums[:-1]):
+            f_hat, nxt = self.next_input(k, f_hat, h[:, begin:begin + pn * pn], side)
             inputs.append(nxt)
+            begin += pn * pn
         return jnp.concatenate(inputs, axis=1)
 
 
