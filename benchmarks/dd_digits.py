@@ -1,6 +1,7 @@
 """Distilled Decoding on digits: quality and speed of the DD1 student against its teacher.
 
     python -m benchmarks.dd_digits --family llamagen|var [--workdir runs/dd_digits_<family>]
+                                   [--dd2-workdir runs/dd2_digits_var]
                                    [--per-class 40] [--batches 1 64] [--rounds 3]
 
 Trains (or resumes) `experiments.dd_imagenet --config digits_<family>` in the work dir
@@ -9,6 +10,9 @@ Trains (or resumes) `experiments.dd_imagenet --config digits_<family>` in the wo
 DD 1-step, DD 2-step (k = 0, t2), teacher-involved (the teacher re-samples units
 t2/2..t2-1 between the two student passes), and the baseline DD beats, set prediction: every
 token drawn at once from its per-class, per-position marginal (counted on the pair data).
+With `--dd2-workdir` (VAR) also DD2's generator (`experiments.dd2_imagenet --config
+digits_var`, trained or resumed there) in one step and teacher-refined (the teacher re-samples
+the last two scales).
 Class accuracy and FID-digits from the project's digits classifier. Seconds per image at each
 batch size: the median and spread of `rounds` interleaved rounds after compilation, with the
 load average.
@@ -39,6 +43,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", required=True, choices=("llamagen", "var"))
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--dd2-workdir", default=None)
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--rounds", type=int, default=3)
@@ -86,6 +91,15 @@ def main(argv=None) -> None:
             f"DD 2-step (0, {t2})": student((0, t2))}
     gens[f"teacher-involved ({t2 // 2}..{t2 - 1})"] = student((0, t2), t2 // 2)
     gens["set prediction (marginals)"] = (make_generator(set_prediction, mesh, fixed), None)
+    if args.dd2_workdir:
+        from experiments import dd2_imagenet as exp2
+
+        cfg2 = cfglib.override(exp2.DIGITS_VAR, ["eval_samples_per_class=0"])
+        built2 = exp2.build(cfg2, args.dd2_workdir, progress=True)
+        gens["DD2 1-step"] = (built2["generate"], built2["params"])
+        refined = dataclasses.replace(cfg2, sample=exp2.DD2SampleConfig(teacher_scales=2))
+        gens["DD2 + teacher (last 2 scales)"] = (exp2.make_sampler(
+            refined, built2["model"][0], built2["teacher"], mesh), built2["params"])
     rows, _ = score_and_time(gens, args.per_class, rounds=0)
 
     times = {(name, b): [] for name in gens for b in args.batches}

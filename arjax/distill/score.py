@@ -188,19 +188,22 @@ def make_csd_step(graphdef, teacher: Teacher, tx_gen, tx_guide, *, guide_updates
         key, labels = state.step_key(), batch["label"]
         shape = (labels.shape[0], net.cfg.seq_len, codebook.shape[-1])
         gen = state.params["gen"]
+        # the generator is fixed during the guidance updates: their fresh samples in one pass
+        k_eps, k_t = jax.random.split(jax.random.fold_in(key, guide_updates + 1))
+        many = jnp.tile(labels, guide_updates)
+        fresh = one_step(bind(graphdef, gen), quantizer, many,
+                         jax.random.normal(k_eps, (guide_updates * shape[0],) + shape[1:]))
 
-        def guide_update(carry, i):
-            params, opt = carry
-            k_eps, k_t = jax.random.split(jax.random.fold_in(key, i))
-            q = one_step(bind(graphdef, gen), quantizer, labels, jax.random.normal(k_eps, shape))
+        def guide_update(carry, inputs):
+            (params, opt), (q, k) = carry, inputs
             loss, grads = jax.value_and_grad(lambda p: fcs_loss(
-                bind(graphdef, p), quantizer, labels, q, k_t, copies, t_range))(params)
+                bind(graphdef, p), quantizer, labels, q, k, copies, t_range))(params)
             updates, opt = tx_guide.update(grads, opt, params)
             return (optax.apply_updates(params, updates), opt), loss
 
         (guide, opt_guide), fcs = jax.lax.scan(
             guide_update, (state.params["guide"], state.opt_state["guide"]),
-            jnp.arange(guide_updates))
+            (fresh.reshape((guide_updates,) + shape), jax.random.split(k_t, guide_updates)))
         k_eps, k_t = jax.random.split(jax.random.fold_in(key, guide_updates))
         noise = jax.random.normal(k_eps, shape)
         (loss, aux), grads = jax.value_and_grad(lambda p: csd_loss(
