@@ -1,6 +1,6 @@
 """experiments.dd_imagenet: bad input fails before compilation; smoke runs end to end on the 8
 simulated devices for both teachers (teacher, flow-map pairs, student, 1/2-step and
-teacher-involved sampling, outputs)."""
+teacher-involved sampling, outputs; for VAR then DD2 on the same teacher and pairs)."""
 
 import json
 import os
@@ -93,3 +93,7 @@ def test_digits_run_on_8_devices(family, tmp_path, devices):
     assert mixed["sample/teacher_passes"] == teacher_passes
     assert mixed["sample/student_passes"] == 2
     assert np.asarray(mixed["images"]).shape == (8, 32, 32, 3)
+    if family == "var":  # DD2 on the same teacher and pairs (its stages only)
+        from test_experiment_dd2 import check_digits_run
+
+        check_digits_run(tmp_path)

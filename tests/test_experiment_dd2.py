@@ -1,6 +1,7 @@
-"""experiments.dd2_imagenet: bad input fails before compilation; a smoke run end to end on
-the 8 simulated devices (teacher, teacher samples, GTS head-only and whole, CSD, one-step and
-teacher-refined sampling, outputs)."""
+"""experiments.dd2_imagenet: bad input fails before compilation; `check_digits_run`, the
+end-to-end smoke run on 8 simulated devices (GTS head-only and whole, CSD, one-step and
+teacher-refined sampling, outputs), runs inside `test_experiment_dd`'s VAR run, whose teacher
+and pairs it reuses."""
 
 import json
 import os
@@ -41,20 +42,22 @@ def test_bad_input_fails_before_compilation(overrides, match, no_compilation, tm
         exp.run(smoke(*overrides), str(tmp_path), progress=False)
 
 
-@pytest.mark.slow
-def test_digits_run_on_8_devices(tmp_path, devices):
-    summary = exp.run(smoke(), str(tmp_path), progress=False)
+def check_digits_run(workdir) -> None:
+    """DD2 on a work dir where DD1's VAR smoke run (`test_experiment_dd`, the same teacher
+    and pair settings) left its teacher and pairs: only DD2's stages train (8 devices)."""
+    summary = exp.run(smoke(), str(workdir), progress=False, tag="dd2")
     assert summary["images"].shape == (8, 32, 32, 3)
     assert summary["sample/target_passes"] == 1  # one generator pass, counted
-    _, arrays = check_report(tmp_path / "samples" / "step2", summary, 1, range(8))
+    _, arrays = check_report(workdir / "samples" / "dd2", summary, 1, range(8))
     assert arrays["tokens"].shape == (8, 130) and arrays["tokens"].max() < 64
-    for f in ("teacher/var/ckpt/2", "gts_head/ckpt/2", "gts/ckpt/2", "csd/ckpt/2"):
-        assert os.path.exists(tmp_path / f), f
-    logs = [json.loads(line) for line in open(tmp_path / "csd/tb/metrics.jsonl")]
+    assert len([d for d in os.listdir(workdir / "codes") if d.startswith("pairs-")]) == 1
+    for f in ("gts_head/ckpt/2", "gts/ckpt/2", "csd/ckpt/2"):
+        assert os.path.exists(workdir / f), f
+    logs = [json.loads(line) for line in open(workdir / "csd/tb/metrics.jsonl")]
     assert {"train/loss", "train/fcs", "train/csd_gap"} <= set(logs[0])
-    gts = [json.loads(line) for line in open(tmp_path / "gts/tb/metrics.jsonl")]
+    gts = [json.loads(line) for line in open(workdir / "gts/tb/metrics.jsonl")]
     assert "train/gts_mse" in gts[0]
     # the finished work dir samples teacher-refined without training again
-    refined = exp.run(smoke("sample.teacher_scales=2"), str(tmp_path), progress=False)
+    refined = exp.run(smoke("sample.teacher_scales=2"), str(workdir), progress=False)
     assert refined["sample/teacher_passes"] == 2 and refined["sample/target_passes"] == 3
     assert np.asarray(refined["images"]).shape == (8, 32, 32, 3)
