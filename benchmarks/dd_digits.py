@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         noise = gaussian_noise(key, jnp.arange(labels.shape[0]), length, code_dim)
         tokens = flow_map(labels, FlowDraw(noise, f["codebook"], grid))
         images = bind(tokenizer[0], f["tokenizer"]).decode_vectors(f["codebook"][tokens])
-        return Samples(images, {"tokens": tokens}, {"target_passes": jnp.int32(length)})
+        return Samples(images, {"tokens": tokens}, {"target_passes": jnp.int32(exp.units(cfg))})
 
     labels = np.asarray(pairs.labels)
     codes = pairs.get(np.arange(pairs.num_examples), np.zeros(pairs.num_examples, int))["codes"]
