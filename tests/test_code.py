@@ -30,6 +30,7 @@ def models():
     return large, small, vae
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 @pytest.mark.parametrize("n", [2])  # scales 0-2 in one pass (n = 3 is in the test below)
 def test_prefill_equals_per_scale_decoding(n):
     model = bind(*models()[1])

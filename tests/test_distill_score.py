@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import random_params
 from flax import nnx
 
@@ -95,6 +96,7 @@ def _euler(params, steps=10) -> jax.Array:
     return x
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 def test_score_distillation_moves_a_one_step_generator_to_the_teachers_law():
     """GTS (the exact teacher velocity on teacher samples) gives a model whose own 10-step
     Euler sampler draws the teacher's law; as a one-step generator it is a point (the mean
@@ -191,6 +193,7 @@ def test_score_var_takes_the_teachers_trunk():
                                bind(*teacher).features(LABELS, inputs), atol=1e-6)
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 def test_teacher_logits_are_what_the_sampler_draws_from():
     """With top-k 1 the sampler's codes are the argmax of its processed logits: the
     teacher-forced logits on those codes (guidance ramp, per-scale filter) pick them back."""
@@ -208,6 +211,7 @@ def test_teacher_logits_are_what_the_sampler_draws_from():
     assert np.isfinite(np.asarray(open_logits)).all()
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 def test_csd_step_updates_both_networks_and_the_ema_deterministically():
     teacher = _random(lambda: VAR(VAR_CFG, rngs=nnx.Rngs(0)), 5)
     vae = _vae()

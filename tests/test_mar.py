@@ -90,6 +90,7 @@ def reference_trunk(model, tokens, known, cond):
     return model.decoder_norm(x)[:, cfg.buffer_size:] + model.diffusion_pos_embed_learned[...]
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 def test_masked_trunk_equals_dropping_the_unknown_tokens():
     cfg, graphdef, params = tiny()
     model = bind(graphdef, params)
@@ -225,6 +226,7 @@ def reference_sample(model, labels, cfg, ranks, init, inter):
 
 @pytest.mark.parametrize("num_iter,cfg_w,schedule", [
     (4, 2.5, "linear"), pytest.param(3, 3.0, "constant", marks=pytest.mark.slow)])
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 def test_sampler_equals_the_official_loop(num_iter, cfg_w, schedule):
     cfg, graphdef, params = tiny()
     model = bind(graphdef, params)

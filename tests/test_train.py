@@ -47,6 +47,7 @@ def run(mesh, steps, workdir=None, rules=sharding.DEFAULT_RULES, on_log=None):
                on_log=on_log)
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: make test-all
 def test_same_loss_trajectory_on_1_and_8_devices(devices):
     one = sharding.make_mesh((("data", 1), ("fsdp", 1)), devices[:1])
     eight = sharding.make_mesh((("data", 4), ("fsdp", 2)), devices)
