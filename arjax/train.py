@@ -157,6 +157,11 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     return jnp.minimum(jnp.float32(decay), (1 + t) / (10 + t))
 
 
+def ema_update(ema, params, decay: jax.Array):
+    """ema <- decay * ema + (1 - decay) * params, in the average's dtype (float32)."""
+    return jax.tree.map(lambda e, p: e + (1 - decay) * (p.astype(e.dtype) - e), ema, params)
+
+
 def make_train_step(graphdef, loss_fn: Callable, tx, ema_decay: float = 0.0,
                     ema_warmup: bool = False) -> Callable:
     """Builds a pure `train_step(state, batch)` from `loss_fn(model, batch, key) -> (loss, aux)`.
@@ -183,8 +188,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx, ema_decay: float = 0.0,
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
-            d = ema_decay_at(state.step, ema_decay, ema_warmup)
-            ema = jax.tree.map(lambda e, p: e + (1 - d) * (p.astype(e.dtype) - e), ema, params)
+            ema = ema_update(ema, params, ema_decay_at(state.step, ema_decay, ema_warmup))
         metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
                    "train/l2_grads": optax.global_norm(grads),
                    "train/l2_params": optax.global_norm(params),

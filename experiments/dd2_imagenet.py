@@ -198,12 +198,10 @@ def make_sampler(cfg: Config, graphdef, teacher, mesh):
         noise = jax.random.normal(k_noise, (labels.shape[0], cfg.var.model.seq_len,
                                             cfg.var.model.codebook_dim))
         vectors = one_step(bind(graphdef, p), vae.quantize, labels, noise)
-        codebook = vae.quantize.embedding.embedding[...]
+        codes = nearest_codes(vectors, vae.quantize.embedding.embedding[...])
         if not cfg.sample.teacher_scales:
-            return Samples(vae.decode_vectors(vectors),
-                           {"tokens": nearest_codes(vectors, codebook)},
+            return Samples(vae.decode_vectors(vectors), {"tokens": codes},
                            {"target_passes": jnp.int32(1)})
-        codes = nearest_codes(vectors, codebook)
         prefix = [codes[:, a:b] for a, b in scale_bounds(patch)[:keep]]
         out = var_sampling.sample(var_graphdef, f["teacher"], vae_graphdef, f["tokenizer"],
                                   k_teacher, labels, cfg.var.sample, prefix=prefix)

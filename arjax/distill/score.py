@@ -35,7 +35,7 @@ from arjax.models.mar import DiffusionMLP, MARConfig
 from arjax.models.var import VAR, VARConfig, build_trunk
 from arjax.nn.scales import scale_bounds
 from arjax.sampling.var import VARSampleConfig
-from arjax.train import TrainState, ema_decay_at
+from arjax.train import TrainState, ema_decay_at, ema_update
 
 sg = jax.lax.stop_gradient
 
@@ -211,8 +211,7 @@ def make_csd_step(graphdef, teacher: Teacher, tx_gen, tx_guide, *, guide_updates
             k_t, t_range, teacher.sample), has_aux=True)(gen)
         updates, opt_gen = tx_gen.update(grads, state.opt_state["gen"], gen)
         gen = optax.apply_updates(gen, updates)
-        d = ema_decay_at(state.step, ema_decay, ema_warmup)
-        ema = jax.tree.map(lambda e, p: e + (1 - d) * (p.astype(e.dtype) - e), state.ema, gen)
+        ema = ema_update(state.ema, gen, ema_decay_at(state.step, ema_decay, ema_warmup))
         metrics = {"train/loss": loss, "train/fcs": fcs[-1],
                    "train/l2_grads": optax.global_norm(grads),
                    **{f"train/{k}": v for k, v in aux.items()}}
