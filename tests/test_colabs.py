@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+from conftest import FAST_COMPILE
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "colabs", "*.ipynb")))
 
@@ -15,7 +16,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("ARJAX_COLAB_QUICK", "1")
-    monkeypatch.setenv("XLA_FLAGS", "")  # the kernel is a fresh process: one CPU device
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # the kernel is a fresh process: one CPU device
     book = nbformat.read(path, as_version=4)
     NotebookClient(book, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 
@@ -27,7 +28,7 @@ def start(processes: int, out, workdir, steps: int, *extra: str) -> list[subproc
     os.makedirs(out, exist_ok=True)
     port, procs = free_port(), []
     for i in range(processes):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
         env.update(JAX_NUM_CPU_DEVICES=str(8 // processes), JAX_PLATFORMS="cpu",
                    ARJAX_INIT_TIMEOUT="60")
         if processes > 1:
@@ -118,7 +119,7 @@ def test_two_processes_extract_the_same_cache_as_one(tmp_path):
 
 
 def test_unreachable_coordinator_is_one_clear_error():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
     env.update(ARJAX_DISTRIBUTED="explicit", ARJAX_COORDINATOR=f"localhost:{free_port()}",
                ARJAX_NUM_PROCESSES="2", ARJAX_PROCESS_ID="1", ARJAX_INIT_TIMEOUT="3")
     out = subprocess.run(
