@@ -8,8 +8,10 @@ Trains (or resumes) `experiments.mar_imagenet --config digits --set speculative.
 in the work dir (KL-VAE, MAR, draft MAR), then samples 10 x `per-class` images with: the
 target alone, the draft alone, and CSpD for each rule and window length (the preset's ratio),
 each with the experiment's own sampler (`make_generator`: counted stats, decoder included).
-Class accuracy and FID-digits from the project's digits classifier; seconds per batch are the
-median and spread of 3 interleaved rounds after compilation, with the load average.
+Mean log R is the log acceptance ratio over drafted tokens, mean log F the log of the official
+rule's trajectory factor exp(sum(Lambda_p - Lambda_q)) (reported for both rules). Class
+accuracy and FID-digits from the project's digits classifier; seconds per batch are the median
+and spread of 3 interleaved rounds after compilation, with the load average.
 """
 
 from __future__ import annotations
@@ -59,16 +61,18 @@ def main(argv=None) -> None:
           f"{10 * args.per_class} images per setting, {cfg.sample.num_iter} MAR steps, "
           f"{cfg.sample.diffusion_steps} diffusion steps, CFG {cfg.sample.cfg}, pre-fill ratio "
           f"{cfg.speculative.ratio}")
-    print("| sampler | target passes | draft passes | acceptance | class accuracy | FID-digits "
-          "| s / batch (median) | spread | speed-up vs target |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| sampler | target passes | draft passes | acceptance | mean log R | mean log F "
+          "| class accuracy | FID-digits | s / batch (median) | spread | speed-up vs target |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = statistics.median(times["target alone"])
     for name, m in rows.items():
         t = times[name]
         passes = m["target_passes"] if name != "draft alone" else 0
         drafts = m.get("draft_passes", m["target_passes"] if name == "draft alone" else 0)
-        acc = f"{m['acceptance']:.3f}" if "acceptance" in m else "-"
-        print(f"| {name} | {passes} | {drafts} | {acc} | {m['class_accuracy']:.3f} | "
+        acc, log_r, log_f = (f"{m[k]:.3f}" if k in m else "-" for k in (
+            "acceptance", "mean_log_ratio", "mean_log_trajectory_factor"))
+        print(f"| {name} | {passes} | {drafts} | {acc} | {log_r} | {log_f} | "
+              f"{m['class_accuracy']:.3f} | "
               f"{m['fid_digits']:.2f} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} "
               f"| x{base / statistics.median(t):.2f} |")
     print(f"load after {os.getloadavg()}")

@@ -28,7 +28,7 @@ from arjax.models.flowar import FlowAR, flowar_config
 from arjax.sampling import flowar as flowar_sampling
 from arjax.tokenizers.kl import KL_16, KLVAE
 from benchmarks.flowar_parity import with_unit_norms
-from benchmarks.llamagen_sampling import median_time
+from benchmarks.harness import median_s as median_time
 from benchmarks.var_parity import random_params
 
 SAMPLE = {"S": flowar_sampling.FlowSampleConfig(num_steps=25, cfg=4.3, guidance=0.9),

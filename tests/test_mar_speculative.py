@@ -40,13 +40,39 @@ def test_exact_rule_outputs_the_target_gaussian():
     mu_p, s_p, mu_q, s_q = gaussians(n)
     x_q = mu_q + s_q * jax.random.normal(jax.random.key(0), mu_q.shape)
     lam = jnp.zeros_like(mu_p)
-    out, accepted, fallback = jax.jit(lambda k: verify(
+    out, accepted, fallback, log_r, _ = jax.jit(lambda k: verify(
         k, CSpDConfig(), x_q, (mu_q, s_q, lam), mu_p, (mu_p, s_p, lam)))(jax.random.key(1))
     assert 0.05 < float(accepted.mean()) < 0.95 and int(fallback.sum()) == 0
+    log_pdf = lambda m, s: stats.norm.logpdf(np.asarray(x_q), np.asarray(m), np.asarray(s))
+    np.testing.assert_allclose(log_r, (log_pdf(mu_p, s_p) - log_pdf(mu_q, s_q)).sum(-1),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(accepted.mean()), np.minimum(1, np.exp(log_r)).mean(),
+                               atol=0.02)
     for d in range(2):
         z = lambda a, d=d: (np.asarray(a[:, d]) - float(mu_p[0, d])) / float(s_p[0, d])
         assert stats.kstest(z(out), "norm").pvalue > 1e-3, d
         assert stats.kstest(z(x_q), "norm").pvalue < 1e-6, d  # the test has power
+
+
+def test_official_rule_is_the_released_ratio():
+    """log R against a NumPy statement of the released DistributionProcessor.judge_accept
+    (x1 = draft, x2 = target; Lambda = the chains' summed log sigmas of steps t >= 1), with
+    the draft token at its mean as the released runner emits it."""
+    rng = np.random.default_rng(5)
+    n, c, tau = 64, 16, 42.0
+    mu_q, mu_p = rng.normal(size=(2, n, c))
+    s_q, s_p = rng.uniform(0.01, 0.05, (2, n, c))
+    lam_q, lam_p = rng.normal(-60, 1, (2, n, c))
+    x = mu_q
+    unnorm = lambda m, s: np.exp(-0.5 * (((x - m) / s / tau) ** 2).sum(-1))
+    fixed = np.exp((lam_p - lam_q).sum(-1))
+    released = unnorm(mu_p, s_p) * fixed * s_q.prod(-1) / (unnorm(mu_q, s_q) * s_p.prod(-1))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    _, _, _, log_r, log_f = verify(jax.random.key(0), CSpDConfig(rule="official"), f32(x),
+                                   (f32(mu_q), f32(s_q), f32(lam_q)), f32(mu_p),
+                                   (f32(mu_p), f32(s_p), f32(lam_p)))
+    np.testing.assert_allclose(log_f, (lam_p - lam_q).sum(-1), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(log_r, np.log(released), rtol=1e-4, atol=5e-2)
 
 
 def test_residual_sampler_draws_the_normalised_difference():

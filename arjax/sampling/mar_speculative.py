@@ -118,15 +118,17 @@ def residual(key, p, q, log_offset, proposals: int, rounds: int):
 def verify(key, rule: CSpDConfig, x_q, q, x_p, p):
     """Per token (flattened [N, C]): the draft token x_q with its last-step Gaussian
     q = (mean, std, sum of earlier log sigmas), the target's sample x_p and p alike ->
-    (tokens [N, C], accepted [N], fallbacks [N])."""
+    (tokens [N, C], accepted [N], fallbacks [N], log acceptance ratio [N], log of the official
+    rule's trajectory factor F [N] (reported under either rule: it says how far the two
+    chains' variances drifted apart))."""
     (mu_q, s_q, lam_q), (mu_p, s_p, lam_p) = q, p
     k_u, k_res = jax.random.split(key)
     u = jax.random.uniform(k_u, x_q.shape[:1])
+    log_f = jnp.sum(lam_p - lam_q, axis=-1)
     if rule.rule == "exact":
         log_r = _log_density(x_q, mu_p, s_p) - _log_density(x_q, mu_q, s_q)
         log_offset, proposals = jnp.zeros_like(log_r), rule.residual_proposals
     else:
-        log_f = jnp.sum(lam_p - lam_q, axis=-1)
         quad = jnp.sum(((x_q - mu_p) / s_p) ** 2 - ((x_q - mu_q) / s_q) ** 2, axis=-1)
         log_r = (log_f + jnp.sum(jnp.log(s_q) - jnp.log(s_p), axis=-1)
                  - quad / (2 * rule.inner_temperature**2))
@@ -135,14 +137,15 @@ def verify(key, rule: CSpDConfig, x_q, q, x_p, p):
     y, found = residual(k_res, (mu_p, s_p), (mu_q, s_q), log_offset, proposals,
                         rule.residual_rounds)
     y = jnp.where(found[:, None], y, x_p)
-    return jnp.where(accepted[:, None], x_q, y), accepted, ~accepted & ~found
+    return jnp.where(accepted[:, None], x_q, y), accepted, ~accepted & ~found, log_r, log_f
 
 
 def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
                    spec: CSpDConfig, noise=None, ranks=None) -> tuple[jax.Array, dict]:
     """target, draft = (graphdef, params) of two MARs over the same tokens; labels int [B]
     -> (latents [B, s, s, C], stats: target_passes, draft_passes, drafted / accepted tokens,
-    acceptance, mean_accepted_per_round, residual_fallbacks)."""
+    acceptance, mean_accepted_per_round, residual_fallbacks, mean_log_ratio (log of the
+    acceptance ratio, averaged over drafted tokens), mean_log_trajectory_factor)."""
     t_model, d_model = bind(*target), bind(*draft)
     mcfg = t_model.cfg
     check(d_model.cfg.seq_len == mcfg.seq_len and d_model.cfg.token_dim == mcfg.token_dim
@@ -185,21 +188,23 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
                                       first[b], m[a], window_width, weights[b], cfg, final)
         flat = lambda arr: arr.reshape(-1, arr.shape[-1])
         at = lambda arr: flat(jnp.take_along_axis(arr, idx[..., None], axis=1))
-        new, accepted, fallback = verify(jax.random.fold_in(verify_key, a), spec, at(drafted),
-                                         tuple(at(g) for g in gauss), flat(x_p),
-                                         tuple(flat(g) for g in p))
+        new, accepted, fallback, log_r, log_f = verify(
+            jax.random.fold_in(verify_key, a), spec, at(drafted), tuple(at(g) for g in gauss),
+            flat(x_p), tuple(flat(g) for g in p))
         batch = idx.shape[0]
         mask = jnp.broadcast_to(valid, idx.shape).reshape(-1)
         counts = {"drafted": counts["drafted"] + jnp.sum(mask),
                   "accepted": counts["accepted"] + jnp.sum(accepted & mask),
                   "residual_fallbacks": counts["residual_fallbacks"] + jnp.sum(fallback & mask),
                   "draft_passes": counts["draft_passes"] + b + 1 - a,
-                  "windows": counts["windows"] + 1}
+                  "windows": counts["windows"] + 1,
+                  "log_ratio": counts["log_ratio"] + jnp.sum(jnp.where(mask, log_r, 0.0)),
+                  "log_factor": counts["log_factor"] + jnp.sum(jnp.where(mask, log_f, 0.0))}
         return (scatter(drafted, idx, valid, new.reshape(batch, -1, new.shape[-1])), counts), None
 
     zero = jnp.int32(0)
     counts = dict(drafted=zero, accepted=zero, residual_fallbacks=zero, draft_passes=zero,
-                  windows=zero)
+                  windows=zero, log_ratio=jnp.float32(0), log_factor=jnp.float32(0))
     if len(windows):
         (tokens, counts), _ = jax.lax.scan(window, (tokens, counts), jnp.asarray(windows))
     drafted = jnp.maximum(counts["drafted"], 1)
@@ -209,6 +214,8 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
              "mean_accepted_per_round": counts["accepted"] / (labels.shape[0] * jnp.maximum(
                  counts["windows"], 1)),
              "residual_fallbacks": counts["residual_fallbacks"],
+             "mean_log_ratio": counts["log_ratio"] / drafted,
+             "mean_log_trajectory_factor": counts["log_factor"] / drafted,
              "nfe": (prefill + counts["windows"] + counts["draft_passes"]) * cfg.diffusion_steps}
     return tokens.reshape(-1, mcfg.side, mcfg.side, mcfg.token_dim), stats
 
