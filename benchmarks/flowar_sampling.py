@@ -1,34 +1,37 @@
-"""Sampling speed of FlowAR-S (random weights, 5 scales, 25 flow steps, CFG 4.3 with guidance
-interval 0.9, KL-16 decode included) vs the official PyTorch FlowAR, same machine, same
-process, same weights.
+"""Sampling speed of FlowAR-S (5 scales, 25 flow steps, CFG 4.3 with guidance interval 0.9,
+KL-16 decode included) vs the official PyTorch FlowAR, same weights, same process, against
+the floor.
 
     python -m benchmarks.flowar_sampling [--official /path/to/FlowAR] [--batches 1 8]
-                                          [--size S] [--disa 15]
+        [--size S] [--disa 15] [--rounds 3] [--compete] [--torch-threads N]
 
 `--official` points at a checkout of OliverRen/FlowAR (not part of arjax; needs
 `pip install --no-deps timm einops`, see benchmarks/official_flowar.py); its `sample_tokens` +
-`vae.decode` are timed in fp32 with the same settings (its ODE runs in float64, as released).
-`--disa N` also times arjax with DiSA (flow steps annealed from 25 to N over the scales).
-arjax compiles once per batch size (reported separately); timings are medians of `--repeats`.
+`vae.decode` run with the same settings and weights (its ODE runs in float64, as released).
+`--disa N` also times arjax with DiSA (flow steps annealed from 25 to N over the scales). The
+runs are interleaved (`benchmarks.harness`); arjax's first call (compilation) is timed apart.
+Floors: per scale the trunk reads its weights once and does 2 FLOPs per weight per new token
+row, every flow step the head does the same over the scale's tokens (CFG doubles the rows
+throughout, an upper bound outside the guidance interval); the decoder's FLOPs are XLA's
+count of the compiled KL-16 decoder.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arjax.models import split
+from arjax.models import bind, split
 from arjax.models.flowar import FlowAR, flowar_config
 from arjax.sampling import flowar as flowar_sampling
 from arjax.tokenizers.kl import KL_16, KLVAE
+from benchmarks import harness
 from benchmarks.flowar_parity import with_unit_norms
-from benchmarks.harness import median_s as median_time
 from benchmarks.var_parity import random_params
 
 SAMPLE = {"S": flowar_sampling.FlowSampleConfig(num_steps=25, cfg=4.3, guidance=0.9),
@@ -41,7 +44,19 @@ def head_calls(sample_cfg) -> int:
     return sum(len(g) - 1 for g in sample_cfg.grids(5))
 
 
-def time_arjax(model, vae, sample_cfg, batch: int, repeats: int) -> tuple[float, float]:
+def workload(cfg, params, sample_cfg, batch: int) -> tuple[float, float]:
+    """(bytes, FLOPs) of the trunk and the flow head over the scales (see the docstring)."""
+    rows = 2 * batch
+    head = harness.matmul_weights(params["flownet"])
+    trunk = harness.matmul_weights(params) - head
+    steps = [len(g) - 1 for g in sample_cfg.grids(len(cfg.scales))]
+    bytes_read = 4 * (trunk * len(cfg.scales) + head * sum(steps))
+    flops = sum(2 * rows * s * s * (trunk + head * n) for s, n in zip(cfg.scales, steps))
+    return bytes_read, flops
+
+
+def arjax_runs(model, vae, sample_cfg, batch: int):
+    """(sampling run, decode run, first-call seconds, decoder FLOPs)."""
     (graphdef, params), (vae_graphdef, vae_params) = model, vae
     fn = jax.jit(lambda p, vp, k, y: flowar_sampling.sample(
         graphdef, p, vae_graphdef, vp, k, y, sample_cfg, KL_16.scale).images)
@@ -49,12 +64,15 @@ def time_arjax(model, vae, sample_cfg, batch: int, repeats: int) -> tuple[float,
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, vae_params, jax.random.key(0), labels))
     first = time.perf_counter() - t0
-    run = lambda: jax.block_until_ready(fn(params, vae_params, jax.random.key(1), labels))
-    return median_time(run, repeats), first
+    decode = jax.jit(lambda vp, z: bind(vae_graphdef, vp).decode(z, KL_16.scale))
+    z = jax.random.normal(jax.random.key(0), (batch, 16, 16, 16))
+    decode_flops = decode.lower(vae_params, z).compile().cost_analysis()["flops"]
+    jax.block_until_ready(decode(vae_params, z))
+    return (lambda: jax.block_until_ready(fn(params, vae_params, jax.random.key(1), labels)),
+            lambda: jax.block_until_ready(decode(vae_params, z)), first, decode_flops)
 
 
-def time_official(repo: str, size: str, model, vae, sample_cfg, batch: int, repeats: int
-                  ) -> tuple[float, float]:
+def official_runs(repo: str, size: str, model, vae, sample_cfg, batch: int):
     import torch
 
     from benchmarks.official_flowar import official_flowar, official_kl16
@@ -62,13 +80,19 @@ def time_official(repo: str, size: str, model, vae, sample_cfg, batch: int, repe
     flowar = official_flowar(repo, size, model[1], flowar_config(size))
     kl = official_kl16(repo, vae[1])
     labels = torch.arange(batch) * 97 % 1000
-    run = lambda: kl.decode(flowar.sample_tokens(
-        num_steps=sample_cfg.num_steps, guidance=sample_cfg.guidance, cfg=sample_cfg.cfg,
-        labels=labels) / KL_16.scale)
     z = torch.randn(batch, 16, 16, 16)
-    with torch.no_grad():
-        run()  # warm-up
-        return median_time(run, repeats), median_time(lambda: kl.decode(z), repeats)
+
+    def run():
+        with torch.no_grad():
+            return kl.decode(flowar.sample_tokens(
+                num_steps=sample_cfg.num_steps, guidance=sample_cfg.guidance,
+                cfg=sample_cfg.cfg, labels=labels) / KL_16.scale)
+
+    def decode():
+        with torch.no_grad():
+            return kl.decode(z)
+    run(), decode()  # warm-up
+    return run, decode
 
 
 def main(argv=None) -> None:
@@ -77,10 +101,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", default="S", choices=["S", "L", "H"])
     parser.add_argument("--disa", type=int, default=0, help="DiSA: flow steps at the last scale")
-    parser.add_argument("--repeats", type=int, default=3)
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    harness.apply(args)
     cfg, sample_cfg = flowar_config(args.size, dropout=0.0), SAMPLE[args.size]
     model_fn = lambda: FlowAR(cfg, rngs=nnx.Rngs(0))
     vae_fn = lambda: KLVAE(KL_16, rngs=nnx.Rngs(0))
@@ -90,22 +113,41 @@ def main(argv=None) -> None:
     model = (model[0], jax.tree.map(jnp.asarray, model[1]))
     vae = (vae[0], jax.tree.map(jnp.asarray, vae[1]))
     print(f"FlowAR-{args.size}: {head_calls(sample_cfg)} flow-head calls per image "
-          f"(steps per scale {[len(g) - 1 for g in sample_cfg.grids(5)]})")
+          f"(steps per scale {[len(g) - 1 for g in sample_cfg.grids(5)]}); jax {jax.__version__}")
+    machine = harness.calibrate(4 * harness.matmul_weights(model[1]))
     for batch in args.batches:
-        ours, compile_s = time_arjax(model, vae, sample_cfg, batch, args.repeats)
-        line = (f"FlowAR-{args.size} batch {batch}: arjax {ours:.2f} s ({batch / ours:.3f} "
-                f"images/s; first call {compile_s:.1f} s)")
+        run, decode_run, first, decode_flops = arjax_runs(model, vae, sample_cfg, batch)
+        runs = {"arjax": run, "arjax decode": decode_run}
         if args.disa:
             disa_cfg = dataclasses.replace(sample_cfg, disa_min_steps=args.disa)
-            disa, _ = time_arjax(model, vae, disa_cfg, batch, args.repeats)
-            line += (f", DiSA {sample_cfg.num_steps}->{args.disa} ({head_calls(disa_cfg)} "
-                     f"calls) {disa:.2f} s = x{ours / disa:.2f}")
+            runs["arjax DiSA"] = arjax_runs(model, vae, disa_cfg, batch)[0]
         if args.official:
-            theirs, decode = time_official(args.official, args.size, model, vae, sample_cfg,
-                                           batch, args.repeats)
-            line += (f" | official {theirs:.2f} s ({batch / theirs:.3f} images/s), of which "
-                     f"KL-16 decode {decode:.2f} s | speed-up x{theirs / ours:.2f}")
-        print(line, flush=True)
+            runs["official"], runs["official decode"] = official_runs(
+                args.official, args.size, model, vae, sample_cfg, batch)
+        with harness.compete(args.compete):
+            times = harness.interleave(runs, args.rounds)
+            busy = harness.load()
+        decode_floor, _ = harness.floor(0, decode_flops, machine)
+        floor_s, bound = harness.floor(*workload(cfg, model[1], sample_cfg, batch), machine)
+        floor_s += decode_floor
+        line = [f"FlowAR-{args.size} batch {batch}{harness.condition(args)}"
+                f": floor {floor_s:.2f} s (trunk + head {bound}-bound, decode "
+                f"{decode_floor:.2f} s compute)"]
+        for side in ("arjax", "official"):
+            if side in times:
+                line.append(f"{side} {harness.spread(times[side])} = floor "
+                            f"x{min(times[side]) / floor_s:.2f}, decode "
+                            f"{harness.spread(times[side + ' decode'])} = floor "
+                            f"x{min(times[side + ' decode']) / decode_floor:.2f}")
+        line[1] += f" (first call {first:.1f} s)"
+        if args.disa:
+            line.append(f"DiSA {sample_cfg.num_steps}->{args.disa} "
+                        f"{harness.spread(times['arjax DiSA'])}")
+        if args.official:
+            ratio = sorted(o / a for o, a in zip(times["official"], times["arjax"]))
+            line.append(f"official / arjax x{ratio[len(ratio) // 2]:.2f} "
+                        f"({ratio[0]:.2f}-{ratio[-1]:.2f})")
+        print(" | ".join(line) + f" | load {busy}", flush=True)
 
 
 if __name__ == "__main__":

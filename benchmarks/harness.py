@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -167,3 +168,25 @@ def matmul_weights(params, skip: tuple[str, ...] = ("embedding",)) -> int:
 def nbytes(params) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(params))
+
+
+def add_arguments(parser: argparse.ArgumentParser, rounds: int = 3) -> None:
+    """The options every comparison takes: rounds, the competing process, torch's threads."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--compete", action="store_true",
+                        help="keep one core busy with another process during the runs")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="intra-op threads of the official (torch) side; 0 = torch's default")
+
+
+def apply(args: argparse.Namespace) -> None:
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
+
+
+def condition(args: argparse.Namespace) -> str:
+    """How the run was set up, for its printed line."""
+    parts = (["one core busy"] if args.compete else []) + (
+        [f"torch {args.torch_threads} thread(s)"] if args.torch_threads else [])
+    return f" ({', '.join(parts)})" if parts else ""

@@ -1,7 +1,7 @@
 """Sampling speed of LlamaGen GPT-B (256 tokens, CFG) vs the official PyTorch, against the floor.
 
     python -m benchmarks.llamagen_sampling [--official /path/to/LlamaGen] [--batches 1 8]
-        [--rounds 3] [--compete]
+        [--rounds 3] [--compete] [--torch-threads N]
 
 Both sides run the same random weights (arjax's, exported into the official module through
 `arjax.convert.llamagen`, strict load), guidance 2.0, temperature 1, no top-k/top-p, float32,
@@ -87,10 +87,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--official", default=None, help="path to a LlamaGen checkout")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compete", action="store_true",
-                        help="keep one core busy with another process during the runs")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
+    harness.apply(args)
     cfg = gpt_config("B")
     params = random_params(lambda: RasterAR(cfg, rngs=nnx.Rngs(0)), 0, 0.02)
     print(f"GPT-B: {param_count(params) / 1e6:.1f} M params, "
@@ -105,7 +104,7 @@ def main(argv=None) -> None:
             times = harness.interleave(runs, args.rounds)
             busy = harness.load()
         floor_s, bound = harness.floor(*workload(cfg, params, batch), machine)
-        line = [f"batch {batch}{' (one core busy)' if args.compete else ''}: floor "
+        line = [f"batch {batch}{harness.condition(args)}: floor "
                 f"{floor_s:.2f} s ({bound}-bound); arjax {harness.spread(times['arjax'])} = "
                 f"floor x{min(times['arjax']) / floor_s:.2f} (compile {compile_s:.1f} s)"]
         if args.official:

@@ -9,7 +9,10 @@ the KL-16 decode is the FlowAR benchmark's) with CFG 2.9 linear, temperature 1. 
 once per batch size (reported); then each round runs arjax and the official code in turn
 (interleaved), and the table gives the median and spread over rounds, the load average, and the
 largest relative difference of the two samples (the official `torch.randn` is fed arjax's
-per-position noise, as in `benchmarks.mar_parity`).
+per-position noise, as in `benchmarks.mar_parity`). Floor (`benchmarks.harness`): per MAR step
+the encoder does 2 FLOPs per weight per known token + buffer row, the decoder per token +
+buffer row (CFG doubles the rows), and each diffusion step streams the MLP head's weights
+over the step's predicted tokens; each phase takes the larger of its memory and compute time.
 """
 
 from __future__ import annotations
@@ -27,13 +30,32 @@ from flax import nnx
 
 from arjax.models import split
 from arjax.models.mar import MAR, mar_config
-from arjax.sampling.mar import MARSampleConfig, sample_latents
+from arjax.sampling.mar import MARSampleConfig, mask_schedule, sample_latents
+from benchmarks import harness
 from benchmarks.mar_parity import TINY, feed_randn, official_draws, official_mar
 from benchmarks.var_parity import random_params
 
 
+def floor(cfg, params, sample_cfg: MARSampleConfig, batch: int, machine) -> float:
+    """Seconds: the trunk's and the diffusion head's phases, each at its binding limit."""
+    rows = 2 * batch
+    head = harness.matmul_weights(params["diffloss"])
+    enc = sum(harness.matmul_weights(v) for k, v in params.items() if k.startswith("encoder"))
+    dec = harness.matmul_weights(params) - head - enc
+    m, first = mask_schedule(cfg.seq_len, sample_cfg.num_iter)
+    total = 0.0
+    for s in range(sample_cfg.num_iter):
+        known, new = cfg.seq_len - int(m[s]), int(m[s] - first[s])
+        pad = cfg.buffer_size
+        trunk_flops = 2 * rows * (enc * (pad + known) + dec * (pad + cfg.seq_len))
+        total += harness.floor(4 * (enc + dec), trunk_flops, machine)[0]
+        total += sample_cfg.diffusion_steps * harness.floor(4 * head, 2 * rows * new * head,
+                                                            machine)[0]
+    return total
+
+
 def time_batch(official, fn, params, cfg, sample_cfg: MARSampleConfig, batch: int,
-               rounds: int, rng) -> str:
+               rounds: int, rng, machine) -> str:
     """One table row: arjax (compiled first) and the official sampler timed in turn."""
     import torch
 
@@ -73,8 +95,11 @@ def time_batch(official, fn, params, cfg, sample_cfg: MARSampleConfig, batch: in
     rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
     a, o = (statistics.median(times[k]) for k in ("arjax", "official"))
     spread = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in times.items()}
-    return (f"| {batch} | {a:.2f} | {spread['arjax']} | {o:.2f} | {spread['official']} | "
-            f"x{o / a:.2f} | {compile_s:.0f} | {rel:.1e} |")
+    floor_s = floor(cfg, params, sample_cfg, batch, machine)
+    return (f"| {batch} | {floor_s:.2f} | {a:.2f} | {spread['arjax']} | "
+            f"x{min(times['arjax']) / floor_s:.2f} | {o:.2f} | {spread['official']} | "
+            f"x{min(times['official']) / floor_s:.2f} | x{o / a:.2f} | {compile_s:.0f} | "
+            f"{rel:.1e} | {harness.load()} |")
 
 
 def main(argv=None) -> None:
@@ -102,16 +127,19 @@ def main(argv=None) -> None:
                                  diffusion_steps=args.diffusion_steps)
     fn = jax.jit(lambda p, noise, ranks, labels: sample_latents(
         graphdef, p, jax.random.key(0), labels, sample_cfg, noise, ranks)[0])
+    machine = harness.calibrate(4 * harness.matmul_weights(params["diffloss"]))
     print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), load {os.getloadavg()}; "
           f"MAR-{args.size}, {args.num_iter} steps, {args.diffusion_steps} diffusion steps, "
           "CFG 2.9 linear, float32")
-    print("| batch | arjax s (median) | spread | official s (median) | spread | speed-up | "
-          "arjax compile s | max relative difference |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | floor s | arjax s (median) | spread | arjax / floor (best) | official s "
+          "(median) | spread | official / floor (best) | speed-up | arjax compile s | max "
+          "relative difference | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for batch in args.batches:
-        print(time_batch(official, fn, params, cfg, sample_cfg, batch, args.rounds, rng),
+        print(time_batch(official, fn, params, cfg, sample_cfg, batch, args.rounds, rng,
+                         machine),
               flush=True)
     print(f"load after {os.getloadavg()}")
 

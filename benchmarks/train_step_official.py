@@ -2,7 +2,7 @@
 LlamaGen model + cross-entropy + torch AdamW, same process, interleaved, against the floor.
 
     python -m benchmarks.train_step_official --official /path/to/LlamaGen [--rounds 5]
-        [--steps 2] [--batch 4] [--compete]
+        [--steps 2] [--batch 4] [--compete] [--torch-threads N]
 
 arjax runs the experiment's own step (`experiments.llamagen_imagenet.plan_stage`: model,
 loss, AdamW with the preset's betas / weight decay / gradient clip), jitted with donation;
@@ -77,10 +77,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--official", required=True, help="path to a LlamaGen checkout")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--compete", action="store_true")
+    harness.add_arguments(parser, rounds=5)
     args = parser.parse_args(argv)
+    harness.apply(args)
     ours, stage, compile_s, holder = arjax_step(args.batch)
     cfg = stage.model_cfg
     params = holder["state"].params
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
     ratio = sorted(o / a for o, a in zip(per_step["official"], per_step["arjax"]))
     print(f"GPT-B train step, batch {args.batch} x {cfg.seq_len}"
-          f"{' (one core busy)' if args.compete else ''}: floor {floor_s:.2f} s ({bound}-"
+          f"{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
           f"bound, {flops / 1e12:.2f} TFLOP) | arjax {harness.spread(per_step['arjax'])} = "
           f"floor x{min(per_step['arjax']) / floor_s:.2f} (compile {compile_s:.0f} s) | "
           f"official {harness.spread(per_step['official'])} = floor "

@@ -2,7 +2,7 @@
 PyTorch VAR, same weights, same process, against the floor.
 
     python -m benchmarks.var_sampling [--official /path/to/VAR] [--batches 1 8] [--depth 16]
-        [--rounds 3] [--compete]
+        [--rounds 3] [--compete] [--torch-threads N]
 
 `--official` points at a checkout of FoundationVision/VAR (not part of arjax; needs
 `huggingface_hub`); its `autoregressive_infer_cfg` + `fhat_to_img` run the weights arjax drew
@@ -114,10 +114,9 @@ def main(argv=None) -> None:
     parser.add_argument("--official", default=None, help="path to a VAR checkout")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compete", action="store_true",
-                        help="keep one core busy with another process during the runs")
+    harness.add_arguments(parser)
     args = parser.parse_args(argv)
+    harness.apply(args)
     cfg = var_config(args.depth)
     var, vae = modules(args.depth)
     machine = harness.calibrate(4 * harness.matmul_weights(var[1]))
@@ -134,7 +133,7 @@ def main(argv=None) -> None:
         decode_floor, _ = harness.floor(0, decode_flops, machine)
         floor_s, bound = harness.floor(bytes_read, flops, machine)
         floor_s += decode_floor
-        line = [f"VAR-d{args.depth} batch {batch}{' (one core busy)' if args.compete else ''}:"
+        line = [f"VAR-d{args.depth} batch {batch}{harness.condition(args)}:"
                 f" floor {floor_s:.2f} s (transformer {bound}-bound, decode "
                 f"{decode_floor:.2f} s compute)"]
         for side in ("arjax", "official"):
