@@ -140,6 +140,17 @@ def spread(times: list[float]) -> str:
     return f"{statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f})"
 
 
+def against_floor(times: list[float], floor_s: float) -> str:
+    """'median s (min-max) = floor xBEST': the best round as a multiple of the floor."""
+    return f"{spread(times)} = floor x{min(times) / floor_s:.2f}"
+
+
+def ratio(slow: list[float], fast: list[float]) -> str:
+    """The per-round ratio slow / fast of two interleaved runs: 'xMEDIAN (MIN-MAX)'."""
+    r = sorted(s / f for s, f in zip(slow, fast))
+    return f"x{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
+
+
 @contextlib.contextmanager
 def compete(enabled: bool = True):
     """A process spinning on one core for the duration (the shared-machine condition)."""

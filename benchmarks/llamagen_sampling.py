@@ -104,15 +104,12 @@ def main(argv=None) -> None:
             times = harness.interleave(runs, args.rounds)
             busy = harness.load()
         floor_s, bound = harness.floor(*workload(cfg, params, batch), machine)
-        line = [f"batch {batch}{harness.condition(args)}: floor "
-                f"{floor_s:.2f} s ({bound}-bound); arjax {harness.spread(times['arjax'])} = "
-                f"floor x{min(times['arjax']) / floor_s:.2f} (compile {compile_s:.1f} s)"]
+        line = [f"batch {batch}{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
+                f"bound); arjax {harness.against_floor(times['arjax'], floor_s)} (compile "
+                f"{compile_s:.1f} s)"]
         if args.official:
-            ratio = [o / a for o, a in zip(times["official"], times["arjax"])]
-            line.append(f"official {harness.spread(times['official'])} = floor "
-                        f"x{min(times['official']) / floor_s:.2f}; official / arjax "
-                        f"x{sorted(ratio)[len(ratio) // 2]:.2f} ({min(ratio):.2f}-"
-                        f"{max(ratio):.2f})")
+            line.append(f"official {harness.against_floor(times['official'], floor_s)}; "
+                        f"official / arjax {harness.ratio(times['official'], times['arjax'])}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

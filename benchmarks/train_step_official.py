@@ -96,14 +96,11 @@ def main(argv=None) -> None:
                  + 4 * cfg.depth * cfg.dim * cfg.seq_len * tokens)
     floor_s, bound = harness.floor(0, flops, machine)
     per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
-    ratio = sorted(o / a for o, a in zip(per_step["official"], per_step["arjax"]))
-    print(f"GPT-B train step, batch {args.batch} x {cfg.seq_len}"
-          f"{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
-          f"bound, {flops / 1e12:.2f} TFLOP) | arjax {harness.spread(per_step['arjax'])} = "
-          f"floor x{min(per_step['arjax']) / floor_s:.2f} (compile {compile_s:.0f} s) | "
-          f"official {harness.spread(per_step['official'])} = floor "
-          f"x{min(per_step['official']) / floor_s:.2f} | official / arjax "
-          f"x{ratio[len(ratio) // 2]:.2f} ({ratio[0]:.2f}-{ratio[-1]:.2f}) | load {busy}",
+    print(f"GPT-B train step, batch {args.batch} x {cfg.seq_len}{harness.condition(args)}: "
+          f"floor {floor_s:.2f} s ({bound}-bound, {flops / 1e12:.2f} TFLOP) | arjax "
+          f"{harness.against_floor(per_step['arjax'], floor_s)} (compile {compile_s:.0f} s) | "
+          f"official {harness.against_floor(per_step['official'], floor_s)} | official / "
+          f"arjax {harness.ratio(per_step['official'], per_step['arjax'])} | load {busy}",
           flush=True)
 
 

@@ -138,15 +138,11 @@ def main(argv=None) -> None:
                 f"{decode_floor:.2f} s compute)"]
         for side in ("arjax", "official"):
             if side in times:
-                line.append(f"{side} {harness.spread(times[side])} = floor "
-                            f"x{min(times[side]) / floor_s:.2f}, decode "
-                            f"{harness.spread(times[side + ' decode'])} = floor "
-                            f"x{min(times[side + ' decode']) / decode_floor:.2f}")
+                line.append(f"{side} {harness.against_floor(times[side], floor_s)}, decode "
+                            f"{harness.against_floor(times[side + ' decode'], decode_floor)}")
         line[1] += f" (compile {compile_s:.1f} s)"
         if args.official:
-            ratio = sorted(o / a for o, a in zip(times["official"], times["arjax"]))
-            line.append(f"official / arjax x{ratio[len(ratio) // 2]:.2f} "
-                        f"({ratio[0]:.2f}-{ratio[-1]:.2f})")
+            line.append(f"official / arjax {harness.ratio(times['official'], times['arjax'])}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 
