@@ -14,6 +14,10 @@ Floors: per scale the trunk reads its weights once and does 2 FLOPs per weight p
 row, every flow step the head does the same over the scale's tokens (CFG doubles the rows
 throughout, an upper bound outside the guidance interval); the decoder's FLOPs are XLA's
 count of the compiled KL-16 decoder.
+
+Disclosed: arjax computes the flow head's z-only terms (`cond_embed` and each block's
+conditioning, `FlowHead.context`) once per scale; the official head recomputes them at every
+ODE step. The result is the same; the work is less.
 """
 
 from __future__ import annotations
