@@ -54,6 +54,7 @@ def test_digits_run_on_8_devices_with_cspd(tmp_path, devices):
     # each its own window (verified after step 2: 2 % 2 == 0, and after the last step)
     assert summary["sample/target_passes"] == 4 and summary["sample/draft_passes"] == 2
     assert 0 <= summary["sample/acceptance"] <= 1
+    assert 0 < summary["sample/latent_rms"] < float("inf")  # counted from the samples
     assert summary["tokenizer/latent_scale"] > 0 and summary["draft/params"] > 0
     _, arrays = check_report(tmp_path / "samples" / "step2", summary, 1, range(8))
     assert arrays["latents"].shape == (8, 8, 8, 4)

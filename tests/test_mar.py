@@ -244,6 +244,8 @@ def test_sampler_equals_the_official_loop(num_iter, cfg_w, schedule):
     # float32 rounding is amplified alike on both sides
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
     assert stats["target_passes"] == num_iter and stats["nfe"] == num_iter * 5
+    np.testing.assert_allclose(stats["latent_rms"], np.sqrt(np.mean(np.square(expected))),
+                               rtol=1e-3)
 
 
 @pytest.mark.slow

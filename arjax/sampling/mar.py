@@ -169,6 +169,14 @@ def scatter(tokens: jax.Array, idx: jax.Array, valid: jax.Array, values: jax.Arr
         values.astype(tokens.dtype), mode="drop")
 
 
+def latent_rms(tokens: jax.Array) -> jax.Array:
+    """Root mean square of the sampled (scaled) latents: the training latents have unit
+    variance, so a value far above 1 says the diffusion chains diverged (MAR's first sampling
+    step multiplies the head's eps error by 1 / sqrt(alpha_bar) ~ 2e4: an undertrained head
+    explodes there)."""
+    return jnp.sqrt(jnp.mean(jnp.square(tokens.astype(jnp.float32))))
+
+
 def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
                    noise: tuple[jax.Array, jax.Array] | None = None, ranks: jax.Array | None
                    = None) -> tuple[jax.Array, dict]:
@@ -191,7 +199,8 @@ def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MAR
             return scatter(tokens, idx, valid, new)
         tokens = jax.lax.fori_loop(begin, end, step, tokens)
     stats = {"target_passes": jnp.int32(cfg.num_iter),
-             "nfe": jnp.int32(cfg.num_iter * cfg.diffusion_steps)}
+             "nfe": jnp.int32(cfg.num_iter * cfg.diffusion_steps),
+             "latent_rms": latent_rms(tokens)}
     return tokens.reshape(-1, mcfg.side, mcfg.side, mcfg.token_dim), stats
 
 
@@ -199,7 +208,8 @@ def sample(graphdef, params, vae_graphdef, vae_params, key: jax.Array, labels: j
            cfg: MARSampleConfig, latent_scale: float,
            noise: tuple[jax.Array, jax.Array] | None = None) -> Samples:
     """labels int [B] -> Samples(images [B, H, W, 3] in [-1, 1], {"latents": scaled latents},
-    {"target_passes": trunk passes, "nfe": diffusion-MLP calls per token chain x steps})."""
+    {"target_passes": trunk passes, "nfe": diffusion-MLP calls per token chain x steps,
+    "latent_rms": see `latent_rms`})."""
     latents, stats = sample_latents(graphdef, params, key, labels, cfg, noise)
     images = bind(vae_graphdef, vae_params).decode(latents, latent_scale)
     return Samples(images, {"latents": latents}, stats)

@@ -45,6 +45,7 @@ from arjax.sampling.generator import Samples
 from arjax.sampling.mar import (
     MARSampleConfig,
     guidance_weights,
+    latent_rms,
     mask_schedule,
     predict,
     scatter,
@@ -216,7 +217,8 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
              "residual_fallbacks": counts["residual_fallbacks"],
              "mean_log_ratio": counts["log_ratio"] / drafted,
              "mean_log_trajectory_factor": counts["log_factor"] / drafted,
-             "nfe": (prefill + counts["windows"] + counts["draft_passes"]) * cfg.diffusion_steps}
+             "nfe": (prefill + counts["windows"] + counts["draft_passes"]) * cfg.diffusion_steps,
+             "latent_rms": latent_rms(tokens)}
     return tokens.reshape(-1, mcfg.side, mcfg.side, mcfg.token_dim), stats
 
 
