@@ -90,7 +90,6 @@ def test_residual_sampler_draws_the_normalised_difference():
     assert stats.kstest(np.asarray(out[:, 0]), lambda x: np.interp(x, grid, cdf)).pvalue > 1e-3
 
 
-@pytest.mark.slow
 def test_draft_equal_to_target_accepts_everything_and_matches_plain_sampling():
     """One draft step per window: the target verifies with the very same context, weight and
     noise, so p == q; the official rule then reproduces the plain sampler token for token."""
@@ -121,7 +120,6 @@ def gaussian_head(self, x, t, c):
     return jnp.concatenate([eps, jnp.zeros_like(x)], -1)
 
 
-@pytest.mark.slow
 def test_exact_cspd_reproduces_the_target_distribution(monkeypatch):
     """A draft MAR close to the target (its weights perturbed by 3e-4: with aligned noise the
     last-step Gaussians are narrow, so the exact rule accepts only near-identical models'

@@ -67,10 +67,7 @@ LOSSLESS = [
 ]
 
 
-@pytest.mark.parametrize("name,spec,sample_cfg", [
-    pytest.param(*c, marks=pytest.mark.slow) if c[0] in ("spectr", "sjd-left") else c
-    for c in LOSSLESS],
-    ids=[c[0] for c in LOSSLESS])
+@pytest.mark.parametrize("name,spec,sample_cfg", LOSSLESS, ids=[c[0] for c in LOSSLESS])
 def test_lossless_joint_equals_plain_sampling(name, spec, sample_cfg):
     target, draft = tiny_gpt(**TARGET), tiny_gpt(**DRAFT)
     cfg = SpeculativeConfig(**{"draft_len": 3, **spec})
@@ -115,7 +112,7 @@ def test_identical_draft_accepts_everything():
 
 @pytest.mark.parametrize("relaxed,exact", [
     (dict(drafter="jacobi", accept="group", group_window=0), dict(drafter="jacobi")),
-    pytest.param(dict(accept="relaxed", delta=0.0), dict(), marks=pytest.mark.slow),
+    (dict(accept="relaxed", delta=0.0), dict()),
 ])
 def test_relaxations_switched_off_are_the_lossless_rule(relaxed, exact):
     """GSD with a one-token group is SJD, LANTERN with delta = 0 is SD: same tokens, same key."""
