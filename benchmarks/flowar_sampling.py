@@ -137,16 +137,10 @@ def main(argv=None) -> None:
         line = [f"FlowAR-{args.size} batch {batch}{harness.condition(args)}"
                 f": floor {floor_s:.2f} s (trunk + head {bound}-bound, decode "
                 f"{decode_floor:.2f} s compute)"]
-        for side in ("arjax", "official"):
-            if side in times:
-                line.append(f"{side} {harness.against_floor(times[side], floor_s)}, decode "
-                            f"{harness.against_floor(times[side + ' decode'], decode_floor)}")
-        line[1] += f" (first call {first:.1f} s)"
+        line += harness.columns(times, floor_s, f" (first call {first:.1f} s)", decode_floor)
         if args.disa:
             line.append(f"DiSA {sample_cfg.num_steps}->{args.disa} "
                         f"{harness.spread(times['arjax DiSA'])}")
-        if args.official:
-            line.append(f"official / arjax {harness.ratio(times['official'], times['arjax'])}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

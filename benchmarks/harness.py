@@ -151,6 +151,22 @@ def ratio(slow: list[float], fast: list[float]) -> str:
     return f"x{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
 
 
+def columns(times: dict[str, list[float]], floor_s: float, arjax_note: str = "",
+            decode_floor: float | None = None) -> list[str]:
+    """The printed columns of a comparison: each side that ran against the floor (with its
+    decoder, timed as '<side> decode', against `decode_floor`), then official / arjax."""
+    out = []
+    for side in ("arjax", "official"):
+        if side in times:
+            col = f"{side} {against_floor(times[side], floor_s)}"
+            if decode_floor is not None:
+                col += f", decode {against_floor(times[side + ' decode'], decode_floor)}"
+            out.append(col + (arjax_note if side == "arjax" else ""))
+    if "official" in times:
+        out.append(f"official / arjax {ratio(times['official'], times['arjax'])}")
+    return out
+
+
 @contextlib.contextmanager
 def compete(enabled: bool = True):
     """A process spinning on one core for the duration (the shared-machine condition)."""

@@ -106,11 +106,7 @@ def main(argv=None) -> None:
             busy = harness.load()
         floor_s, bound = harness.floor(*workload(cfg, params, batch), machine)
         line = [f"batch {batch}{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
-                f"bound); arjax {harness.against_floor(times['arjax'], floor_s)} (compile "
-                f"{compile_s:.1f} s)"]
-        if args.official:
-            line.append(f"official {harness.against_floor(times['official'], floor_s)}; "
-                        f"official / arjax {harness.ratio(times['official'], times['arjax'])}")
+                f"bound)", *harness.columns(times, floor_s, f" (compile {compile_s:.1f} s)")]
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

@@ -96,12 +96,10 @@ def main(argv=None) -> None:
                  + 4 * cfg.depth * cfg.dim * cfg.seq_len * tokens)
     floor_s, bound = harness.floor(0, flops, machine)
     per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
-    print(f"GPT-B train step, batch {args.batch} x {cfg.seq_len}{harness.condition(args)}: "
-          f"floor {floor_s:.2f} s ({bound}-bound, {flops / 1e12:.2f} TFLOP) | arjax "
-          f"{harness.against_floor(per_step['arjax'], floor_s)} (compile {compile_s:.0f} s) | "
-          f"official {harness.against_floor(per_step['official'], floor_s)} | official / "
-          f"arjax {harness.ratio(per_step['official'], per_step['arjax'])} | load {busy}",
-          flush=True)
+    line = [f"GPT-B train step, batch {args.batch} x {cfg.seq_len}{harness.condition(args)}: "
+            f"floor {floor_s:.2f} s ({bound}-bound, {flops / 1e12:.2f} TFLOP)",
+            *harness.columns(per_step, floor_s, f" (compile {compile_s:.0f} s)")]
+    print(" | ".join(line) + f" | load {busy}", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,13 +136,7 @@ def main(argv=None) -> None:
         line = [f"VAR-d{args.depth} batch {batch}{harness.condition(args)}:"
                 f" floor {floor_s:.2f} s (transformer {bound}-bound, decode "
                 f"{decode_floor:.2f} s compute)"]
-        for side in ("arjax", "official"):
-            if side in times:
-                line.append(f"{side} {harness.against_floor(times[side], floor_s)}, decode "
-                            f"{harness.against_floor(times[side + ' decode'], decode_floor)}")
-        line[1] += f" (compile {compile_s:.1f} s)"
-        if args.official:
-            line.append(f"official / arjax {harness.ratio(times['official'], times['arjax'])}")
+        line += harness.columns(times, floor_s, f" (compile {compile_s:.1f} s)", decode_floor)
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 
