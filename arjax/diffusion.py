@@ -29,6 +29,18 @@ def cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
                      for i in range(steps)], np.float64)
 
 
+def linear_betas(steps: int) -> np.ndarray:
+    """DDPM's linear schedule, scaled to `steps` as upstream (1e-4 to 0.02 at 1000 steps)."""
+    scale = 1000 / steps
+    return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
+
+
+# Upstream's `get_named_beta_schedule`. MAR trains with "cosine"; "linear" ends at
+# alpha_bar = 4e-5 instead of 2e-9, so the first sampling step multiplies the denoiser's eps
+# error by ~150 instead of ~2e4 (what a briefly trained head can afford: the digits preset).
+SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+
+
 def space_timesteps(steps: int, count: int) -> list[int]:
     """The `count` kept timesteps of a `steps`-step process (one section: fractional stride,
     Python's round, as upstream's `space_timesteps(steps, [count])`)."""
@@ -46,9 +58,11 @@ class Diffusion:
     timesteps: tuple[int, ...]
 
     @classmethod
-    def cosine(cls, steps: int = 1000, sampling_steps: int | None = None) -> Diffusion:
-        """The training process (`sampling_steps` None) or its respacing to that many steps."""
-        betas = cosine_betas(steps)
+    def make(cls, schedule: str = "cosine", steps: int = 1000,
+             sampling_steps: int | None = None) -> Diffusion:
+        """The training process of a named schedule (`sampling_steps` None) or its
+        respacing to that many steps."""
+        betas = SCHEDULES[schedule](steps)
         if sampling_steps is None or sampling_steps == steps:
             return cls(tuple(betas), tuple(range(steps)))
         kept = space_timesteps(steps, sampling_steps)

@@ -138,8 +138,11 @@ def abstract_step(stage, mesh, rules, per_device_batch: int):
 
 
 def compiled_peak(stage, mesh, rules, per_device_batch: int) -> tuple[dict, object]:
+    import jax
+
     step, state, batch = abstract_step(stage, mesh, rules, per_device_batch)
-    compiled = step.lower(state, batch).compile()
+    with jax.set_mesh(mesh):  # traced as `fit` traces it (activation constraints)
+        compiled = step.lower(state, batch).compile()
     return footprint(compiled), compiled
 
 

@@ -129,6 +129,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(tuple(a for a in DATA_AXES if a in mesh.axis_names)))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` split on its leading (batch) dimension over the data-parallel axes of the mesh in
+    context (`jax.set_mesh`, as `fit` and `arjax.plan` trace), the other dimensions whole.
+
+    Applied to the residual stream at every block boundary, it makes FSDP what the rules say:
+    weights sharded over `fsdp` are gathered for each block while activations stay with
+    their rows. Without it XLA's propagation may keep the weights split and gather the
+    batch instead (XLA:TPU did so for GPT-XL on 64 chips: every device held 8x its rows, a
+    tensor-parallel layout nobody asked for). A no-op with no mesh in context or a batch that
+    the data-parallel size does not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in DATA_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in DATA_AXES if a in mesh.axis_names)
 

@@ -104,7 +104,8 @@ def fit(*, name: str, init_fn: Callable[[], TrainState],
     closing = contextlib.closing if hasattr(batches, "close") else contextlib.nullcontext
     with StopSignal() as stop, closing(batches):  # closing stops the loader's workers
         for step in range(start, steps):
-            state, metrics = step_fn(state, next(batches), *extra)
+            with jax.set_mesh(mesh):  # the models' activation constraints see the mesh
+                state, metrics = step_fn(state, next(batches), *extra)
             done = step + 1
             if done % log_every == 0 or done == steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

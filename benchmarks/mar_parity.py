@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     print("|---|---|---|")
 
     gen = official.diffloss.gen_diffusion
-    ours = diffusion(args.diffusion_steps)
+    ours = diffusion("cosine", args.diffusion_steps)
     report("respaced timestep map", ours.timesteps, gen.timestep_map)
     report("respaced betas", ours.betas, gen.betas)
     report("posterior log variance (clipped)", ours.tables["post_log_var"],

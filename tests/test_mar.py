@@ -116,7 +116,7 @@ def test_respacing_keeps_the_cumulative_schedule():
     assert space_timesteps(1000, 10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     kept = space_timesteps(1000, 100)
     assert len(kept) == 100 and kept[0] == 0 and kept[-1] == 999
-    full, spaced = Diffusion.cosine(1000), Diffusion.cosine(1000, 100)
+    full, spaced = Diffusion.make(), Diffusion.make("cosine", 1000, 100)
     alpha_bar = np.cumprod(1 - np.asarray(full.betas))
     np.testing.assert_allclose(np.cumprod(1 - np.asarray(spaced.betas)), alpha_bar[kept],
                                rtol=1e-10)
@@ -126,13 +126,27 @@ def test_respacing_keeps_the_cumulative_schedule():
     np.testing.assert_allclose(alpha_bar[499], f(0.5) / f(0), rtol=1e-9)
 
 
-@pytest.mark.parametrize("steps", [pytest.param(100, marks=pytest.mark.slow), 25])
-def test_chain_with_the_exact_denoiser_samples_the_data_distribution(steps):
+def test_linear_schedule_is_ddpms():
+    """Upstream's "linear": 1e-4 to 0.02 over 1000 steps (scaled by 1000 / steps), so the
+    process ends at alpha_bar ~ 4e-5, where the cosine one ends at ~2e-9."""
+    betas = np.asarray(Diffusion.make("linear").betas)
+    np.testing.assert_allclose(betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(Diffusion.make("linear", 100).betas),
+                               np.linspace(1e-3, 0.2, 100), rtol=1e-12)
+    assert 3e-5 < np.prod(1 - betas) < 5e-5
+    assert np.prod(1 - np.asarray(Diffusion.make().betas)) < 1e-8
+    with pytest.raises(ValueError, match="noise_schedule='sqrt' must be one of"):
+        MARConfig(noise_schedule="sqrt").validate()
+
+
+@pytest.mark.parametrize("schedule,steps", [pytest.param("cosine", 100, marks=pytest.mark.slow),
+                                            ("cosine", 25), ("linear", 25)])
+def test_chain_with_the_exact_denoiser_samples_the_data_distribution(schedule, steps):
     """Data N(mu, s^2) per channel: the true reverse kernels are Gaussian with a closed-form
     mean (from E[eps | x_t]) and variance (posterior variance + coef1^2 Var[x0 | x_t], which
     the learned-range v can express), so the chain must give back mean mu and std s."""
     mu, s = jnp.array([0.5, -1.0]), jnp.array([0.3, 1.5])
-    process = Diffusion.cosine(1000, steps)
+    process = Diffusion.make(schedule, 1000, steps)
     tables = {k: np.zeros(1000) for k in ("ab", "coef1", "log_post", "log_beta")}
     betas = np.asarray(process.betas)
     ab = np.cumprod(1 - betas)
@@ -193,7 +207,7 @@ def reference_sample(model, labels, cfg, ranks, init, inter):
     cond = model.conditioning(labels)
     if guided:
         cond = jnp.concatenate([cond, model.conditioning(labels, jnp.ones_like(labels, bool))])
-    process = diffusion(cfg.diffusion_steps)
+    process = diffusion("cosine", cfg.diffusion_steps)
     trunk = jax.jit(lambda x, known: model(x, known, cond))
     for step in range(cfg.num_iter):
         double = lambda a: np.concatenate([a, a]) if guided else a

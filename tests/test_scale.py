@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -310,6 +311,29 @@ def test_remat_leaves_gradients_unchanged(name, policy):
                                                              jax.random.key(1))[0]
         grads.append(jax.jit(jax.grad(objective))(params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
+BLOCKS = {"gpt": 2, "var": 2, "flowar": 2 + 2, "mar": 1 + 1 + 2}  # trunk (+ head) blocks
+# (a head may run more than once per step: FlowAR's once per scale)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_blocks_keep_the_batch_split_under_a_mesh(name, devices):
+    """FSDP gathers weights, not rows: with a mesh in context (as `fit` and `arjax.plan`
+    trace) every block's input and output, and their cotangents, are constrained to the
+    batch over ("data", "fsdp") (without it XLA:TPU kept GPT-XL's weights split and gathered
+    8x the rows on every chip); nothing is constrained without a mesh."""
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)), devices)
+    model, batch, loss = GENERATORS[name]()
+    graphdef, params = split(model)
+    objective = lambda p: loss(bind(graphdef, p), batch, jax.random.key(1))[0]
+    lowered = lambda: jax.jit(jax.grad(objective)).lower(params).as_text()
+    with jax.set_mesh(mesh):
+        text = lowered()
+    pinned = re.findall(r'sharding_constraint %\S+ <@mesh, \[\{"data", "fsdp"\}(?:, \{\})*\]>',
+                        text)
+    assert len(pinned) >= 4 * BLOCKS[name], len(pinned)  # in and out, forward and back
+    assert "sharding_constraint" not in lowered()
 
 
 @pytest.mark.parametrize("name", ["gpt", pytest.param("var", marks=SLOW),

@@ -39,7 +39,7 @@ from arjax.models.var import (
     layer_norm,
 )
 from arjax.nn.layers import RMSNorm
-from arjax.nn.policy import dtypes, float32, remat
+from arjax.nn.policy import dtypes, float32, stacked
 from arjax.nn.scales import scale_bounds, scale_levels
 
 
@@ -96,9 +96,9 @@ class DDRaster(nnx.Module):
         h = h + self.n_d_embed(data_positions(k, self.unit_starts, length).astype(jnp.int32))
         rope = jnp.asarray(_rope_table(cfg.grid, cfg.dim // cfg.heads, cfg.rope_base)[:length])
         mask = jnp.tril(jnp.ones((length, length), bool))
-        block = remat(cfg.remat, lambda layer, h: layer(h, rope, mask))
+        run = stacked(cfg.remat, lambda layer, h: layer(h, rope, mask))
         for layer in self.layers:
-            h = block(layer, h)
+            h = run(layer, h)
         h = h[:, 1:]
         logits = self.output(self.norm(h)).astype(jnp.float32)
         return self.final_layer_conti(h, cls), logits
@@ -157,9 +157,9 @@ class DDVAR(nnx.Module):
         nd = self.n_d_embed(data_positions(k, self.unit_starts, length).astype(jnp.int32))
         h = h + nd
         mask = jnp.asarray(dd_var_mask(cfg.patch_nums))
-        block = remat(cfg.remat, lambda blk, h, mid: blk(h, block_cond, mask, mid=mid))
+        run = stacked(cfg.remat, lambda blk, h, mid: blk(h, block_cond, mask, mid=mid))
         for blk, proj in zip(self.blocks, self.layerwise_n_d_embed):
-            h = block(blk, h, proj(nd))
+            h = run(blk, h, proj(nd))
         h = h + self.layerwise_n_d_embed[cfg.depth](nd)
         logits = self.head(self.head_nm(h, cond, cfg.norm_eps))
         return self.final_layer_conti(h, cond)[:, 1:], logits[:, 1:].astype(jnp.float32)

@@ -32,7 +32,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.layers import RMSNorm, TimestepEmbedder, dropout
-from arjax.nn.policy import check_policy, dtypes, float32, remat
+from arjax.nn.policy import check_policy, dtypes, float32, stacked
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
 from arjax.nn.scales import (
@@ -311,7 +311,7 @@ class FlowHead(nnx.Module):
         """Float32 in and out (the ODE state); the blocks' matmuls in the compute dtype."""
         temb = self.time_embed(jnp.floor(t.astype(jnp.float32) * 1000))[:, None]
         h = self.input_proj(x)
-        run = remat(self.remat, lambda blk, h, bctx: blk(h, temb, ctx["c"], bctx, rope))
+        run = stacked(self.remat, lambda blk, h, bctx: blk(h, temb, ctx["c"], bctx, rope))
         for block, block_ctx in zip(self.res_blocks, ctx["blocks"]):
             h = run(block, h, block_ctx)
         return self.final_layer(h, ctx["c"] + temb)
@@ -372,7 +372,7 @@ class FlowAR(nnx.Module):
         mask = jnp.asarray(block_causal_mask(cfg.scales))
         rope = jnp.asarray(np.concatenate(rope_tables(cfg.scales, cfg.width // cfg.heads)))
         keys = _keys(key, 2 * cfg.depth)
-        run = remat(cfg.remat, lambda blk, h, k: blk(h, cond, rope, mask, k))
+        run = stacked(cfg.remat, lambda blk, h, k: blk(h, cond, rope, mask, k))
         return self._trunk(x, cond, 0, lambda i, blk, h: run(blk, h, keys[i]))
 
     def loss(self, labels, latents, key):

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arjax.config import check
-from arjax.diffusion import Diffusion
+from arjax.diffusion import SCHEDULES, Diffusion
 from arjax.nn.attention import attend
 from arjax.nn.layers import TimestepEmbedder, dropout
-from arjax.nn.policy import check_policy, dtypes, float32, remat
+from arjax.nn.policy import check_policy, dtypes, float32, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,7 @@ class MARConfig:
     dtype: str = "float32"  # see arjax.nn.policy
     param_dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation (trunk and diffusion MLP)
+    noise_schedule: str = "cosine"  # the head's diffusion (arjax.diffusion.SCHEDULES)
 
     @property
     def seq_len(self) -> int:
@@ -69,6 +70,8 @@ class MARConfig:
         check(0 <= self.label_drop < 1 and 0 <= self.dropout < 1,
               "label_drop and dropout must be in [0, 1)")
         check(self.diffusion_batch_mul >= 1, "diffusion_batch_mul must be >= 1")
+        check(self.noise_schedule in SCHEDULES, f"noise_schedule={self.noise_schedule!r} "
+              f"must be one of {sorted(SCHEDULES)}")
         check_policy(self)
 
 
@@ -82,9 +85,9 @@ def mar_config(size: str, **overrides) -> MARConfig:
 
 
 @functools.cache
-def diffusion(sampling_steps: int | None = None) -> Diffusion:
-    """MAR's 1000-step cosine process (training), or its respacing for sampling."""
-    return Diffusion.cosine(1000, sampling_steps)
+def diffusion(schedule: str = "cosine", sampling_steps: int | None = None) -> Diffusion:
+    """MAR's 1000-step process (training), or its respacing for sampling."""
+    return Diffusion.make(schedule, 1000, sampling_steps)
 
 
 XAVIER = nnx.initializers.xavier_uniform()  # every Linear (official JAX-ViT init), zero bias
@@ -196,7 +199,7 @@ class DiffusionMLP(nnx.Module):
     def denoise(self, x, t, c):
         y = self.time_embed(t) + c
         h = self.input_proj(x.astype(jnp.float32))
-        run = remat(self.remat, lambda blk, h: blk(h, y))
+        run = stacked(self.remat, lambda blk, h: blk(h, y))
         for block in self.res_blocks:
             h = run(block, h)
         return self.final_layer(h, y).astype(jnp.float32)
@@ -257,7 +260,7 @@ class MAR(nnx.Module):
             x = jnp.concatenate([x[:, :p], jnp.take_along_axis(x, p + kept[..., None], 1)], 1)
         visible = jnp.concatenate([jnp.ones((b, p), bool), kept_known], axis=1)
         keys = _keys(key, 2 * cfg.depth)
-        run = remat(cfg.remat, lambda blk, h, vis, k: blk(h, vis, k))
+        run = stacked(cfg.remat, lambda blk, h, vis, k: blk(h, vis, k))
         for i, block in enumerate(self.encoder_blocks):
             x = run(block, x, visible, keys[i])
         x = self.decoder_embed(self.encoder_norm(x))
@@ -293,8 +296,8 @@ class MAR(nnx.Module):
         rep = lambda a: jnp.tile(a.reshape(b * length, *a.shape[2:]),
                                  (cfg.diffusion_batch_mul,) + (1,) * (a.ndim - 2))
         weight = rep(masked).astype(jnp.float32)
-        per_token = diffusion().loss(functools.partial(self.diffloss, z=rep(z)), rep(tokens),
-                                     k_diff)
+        per_token = diffusion(cfg.noise_schedule).loss(
+            functools.partial(self.diffloss, z=rep(z)), rep(tokens), k_diff)
         loss = jnp.sum(per_token * weight) / jnp.maximum(jnp.sum(weight), 1.0)
         return loss, {"mask_ratio": jnp.mean(masked.astype(jnp.float32))}
 

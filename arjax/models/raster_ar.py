@@ -20,7 +20,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import Attention, KVCache, init_cache
 from arjax.nn.layers import RMSNorm, SwiGLU, dropout, find_multiple
-from arjax.nn.policy import check_policy, dtypes, remat
+from arjax.nn.policy import check_policy, dtypes, stacked
 from arjax.nn.rope import rope_2d_table
 
 
@@ -138,9 +138,9 @@ class RasterAR(nnx.Module):
         x = dropout(x, cfg.dropout, keys[1] if keys else None)
         rope = jnp.asarray(self.rope[:length])
         mask = jnp.tril(jnp.ones((length, length), bool))
-        block = remat(cfg.remat, lambda layer, h, k: layer(h, rope, mask, k))
+        run = stacked(cfg.remat, lambda layer, h, k: layer(h, rope, mask, k))
         for i, layer in enumerate(self.layers):
-            x = block(layer, x, keys[i + 2] if keys else None)
+            x = run(layer, x, keys[i + 2] if keys else None)
         return self._logits(x)
 
     def init_cache(self, batch: int, length: int | None = None) -> list[KVCache]:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import attend
-from arjax.nn.policy import check_policy, dtypes, float32, remat
+from arjax.nn.policy import check_policy, dtypes, float32, stacked
 from arjax.nn.scales import (
     attend_scale,
     block_causal_mask,
@@ -289,7 +289,7 @@ class VAR(nnx.Module):
         mask = jnp.asarray(block_causal_mask(self.cfg.patch_nums))
         rates = np.linspace(0, self.cfg.drop_path, self.cfg.depth)
         def run(rate: float):  # the drop rate stays a Python float (static)
-            return remat(self.cfg.remat, lambda blk, h, k: blk(
+            return stacked(self.cfg.remat, lambda blk, h, k: blk(
                 h, block_cond, mask, None if k is None else (k, rate)))
 
         for i, block in enumerate(self.blocks):

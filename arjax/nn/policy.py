@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arjax.config import check
+from arjax.sharding import constrain_batch
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,13 +50,18 @@ def float32(cfg) -> dict:
     return dict(dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def remat(policy: str, call: Callable) -> Callable:
-    """`call(module, *arrays)` with its activations rematerialised per `policy` in the
-    backward pass (the forward is unchanged); "none" returns `call` itself. `policy` is
-    checked with the model config (`check_policy`)."""
-    if policy == "none":
-        return call
-    return nnx.remat(call, policy=REMAT_POLICIES[policy])
+def stacked(remat: str, call: Callable) -> Callable:
+    """One block of a stack, `call(module, h, *rest) -> h`: its activations rematerialised
+    in the backward pass per the `remat` policy (checked with the model config by
+    `check_policy`; the forward is unchanged), its input and output kept split on the batch
+    over the data-parallel mesh axes (`sharding.constrain_batch`: FSDP gathers weights, not
+    rows)."""
+    inner = call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
+
+    def run(module, h, *rest):
+        return constrain_batch(inner(module, constrain_batch(h), *rest))
+
+    return run
 
 
 _conv = {"dtype": None, "param_dtype": jnp.float32}

@@ -146,7 +146,7 @@ def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,
         jnp.minimum(place, length - 1), (batch, width)), axis=1)
     zc = model.diffloss.condition(jnp.take_along_axis(z, double(idx)[..., None], axis=1))
     zc = zc.reshape(-1, zc.shape[-1])
-    process = diffusion(cfg.diffusion_steps)
+    process = diffusion(model.cfg.noise_schedule, cfg.diffusion_steps)
     init, inter = position_noise(canvas, idx, process.steps, c)
 
     def net(x, t):

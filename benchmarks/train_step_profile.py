@@ -1,0 +1,87 @@
+"""Where arjax's GPT-B train step spends its time on this CPU: XLA's own per-op trace of the
+compiled step (the one `train_step_official` times), summed by kind of op.
+
+    python -m benchmarks.train_step_profile [--batch 4] [--steps 3] [--top 12]
+
+Times `--steps` steps (median wall time), then runs them under `jax.profiler.trace` (a
+Perfetto trace) and prints per step the core-seconds XLA's compute threads spent in each kind
+of op (layout copies and transposes: `copy*` / `transpose*` / `bitcast*` fusions; matmuls:
+the YNNPACK fusions and dots XLA:CPU emits for them; the rest) and in the `--top` ops. With
+two cores the core-seconds sum to at most twice the wall time. docs/benchmarks.md (issue 14)
+attributes the step's gap to the official code with it: copies XLA:CPU inserts to re-lay
+activations for the weight-gradient dots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import jax
+
+from benchmarks import harness
+
+KINDS = (("copies / transposes", re.compile(r"^(copy|transpose|bitcast)")),
+         ("matmuls (YNNPACK / dot)", re.compile(r"^(ynn|xnn|dot|gemm|__onednn)")),
+         ("other", re.compile(r"")))
+
+
+def kind_of(name: str) -> str:
+    return next(k for k, pattern in KINDS if pattern.search(name))
+
+
+def op_times(trace_dir: str) -> dict[str, float]:
+    """Core-seconds per XLA op name summed over the trace: the complete events of XLA's
+    compute threads (`XLAEigen`), where an op split over both threads counts on both."""
+    [path] = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    compute = {e["tid"] for e in events if e.get("ph") == "M" and e.get("name") ==
+               "thread_name" and e["args"]["name"].startswith("tf_XLAEigen")}
+    totals: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("tid") in compute:
+            totals[e["name"]] += e.get("dur", 0) * 1e-6
+    return totals
+
+
+def main(argv=None) -> None:
+    from benchmarks.train_step_official import arjax_step
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    run, _, compile_s, _ = arjax_step(args.batch)
+    wall = harness.median_s(run, args.steps)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                run()
+        totals = op_times(trace_dir)
+    per_step = {name: t / args.steps for name, t in totals.items()}
+    kinds: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.Counter()
+    for name, t in per_step.items():
+        kinds[kind_of(name)] += t
+        counts[kind_of(name)] += 1
+    print(f"GPT-B train step, batch {args.batch} x 256, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}, compile {compile_s:.0f} s: {wall:.2f} s per step "
+          f"(median of {args.steps}), {sum(per_step.values()):.2f} core-s in XLA ops")
+    for kind, _ in KINDS:
+        print(f"  {kind:<24} {kinds[kind]:6.2f} core-s  ({counts[kind]} ops)")
+    print("  top ops:")
+    for name, t in sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"    {t:6.3f} core-s  {name}")
+
+
+if __name__ == "__main__":
+    main()
