@@ -74,8 +74,12 @@ class Config(KLExperimentConfig):
 DIGITS = Config(
     data=DIGITS_DATA,
     **DIGITS_KL,
+    # DDPM's linear noise schedule, not MAR's cosine: the cosine process ends at alpha_bar
+    # 2e-9, where the first sampling step multiplies the head's eps error by ~2e4, and a
+    # 600-step head's error blows the chains up (latent RMS ~1.5e3, FID-digits 253); linear
+    # ends at 4e-5 (docs/benchmarks.md, "The digits MAR's noise schedule").
     model=MARConfig(width=128, depth=2, heads=4, head_width=128, head_depth=3, side=8,
-                    buffer_size=8, num_classes=10, dropout=0.0),
+                    buffer_size=8, num_classes=10, dropout=0.0, noise_schedule="linear"),
     mar_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=300,
                           eval_every=300, optim=OptimConfig(
                               lr=1e-3, warmup_steps=60, schedule="cosine", total_steps=600,
@@ -84,7 +88,7 @@ DIGITS = Config(
     eval_samples_per_class=40,
     speculative=CSpDConfig(num_draft=4, ratio=0.15),
     draft_model=MARConfig(width=64, depth=1, heads=2, head_width=64, head_depth=2, side=8,
-                          buffer_size=8, num_classes=10, dropout=0.0),
+                          buffer_size=8, num_classes=10, dropout=0.0, noise_schedule="linear"),
     draft_train=StageConfig(steps=600, batch_size=64, log_every=100, ckpt_every=300,
                             optim=OptimConfig(
                                 lr=1e-3, warmup_steps=60, schedule="cosine", total_steps=600,
