@@ -33,7 +33,6 @@ from arjax import config as cfglib
 from arjax import sharding
 from arjax.data import Batches
 from arjax.distill.objective import IdSource, PairSource
-from arjax.distill.sampling import nearest_codes
 from arjax.distill.score import (
     ScoreVAR,
     Teacher,
@@ -47,6 +46,7 @@ from arjax.experiment.cli import cli, run_experiment
 from arjax.experiment.outputs import digits_scorer, training_summary
 from arjax.experiment.pipeline import StageConfig, check_sampling, train_stage
 from arjax.models import bind, param_count, split
+from arjax.nn.layers import nearest_code
 from arjax.nn.scales import scale_bounds
 from arjax.optim import OptimConfig, make_optimizer
 from arjax.sampling import var as var_sampling
@@ -198,7 +198,7 @@ def make_sampler(cfg: Config, graphdef, teacher, mesh):
         noise = jax.random.normal(k_noise, (labels.shape[0], cfg.var.model.seq_len,
                                             cfg.var.model.codebook_dim))
         vectors = one_step(bind(graphdef, p), vae.quantize, labels, noise)
-        codes = nearest_codes(vectors, vae.quantize.embedding.embedding[...])
+        codes = nearest_code(vectors, vae.quantize.embedding.embedding[...])
         if not cfg.sample.teacher_scales:
             return Samples(vae.decode_vectors(vectors), {"tokens": codes},
                            {"target_passes": jnp.int32(1)})

@@ -11,7 +11,7 @@ from flax import nnx
 
 from arjax.config import ConfigError
 from arjax.distill.objective import dd1_loss
-from arjax.distill.sampling import few_step, nearest_codes
+from arjax.distill.sampling import few_step
 from arjax.distill.students import (
     DDVAR,
     DDRaster,
@@ -22,6 +22,7 @@ from arjax.distill.students import (
 from arjax.models import bind, param_count, split
 from arjax.models.raster_ar import RasterAR, RasterARConfig
 from arjax.models.var import VAR, VARConfig
+from arjax.nn.layers import nearest_code
 from arjax.nn.scales import scale_levels
 
 GPT = RasterARConfig(vocab_size=5, grid=3, num_classes=3, dim=32, depth=2, heads=2,
@@ -131,7 +132,7 @@ def test_few_step_bookkeeping():
                       cont0)
     x1 = jnp.where((jnp.arange(9) < 3)[None, :, None], first, noise)  # the same noise again
     cont1, logits1 = student(x1, labels, jnp.full(2, 3))
-    greedy = jnp.where(jnp.arange(9) < 3, nearest_codes(x1, codebook), jnp.argmax(logits1, -1))
+    greedy = jnp.where(jnp.arange(9) < 3, nearest_code(x1, codebook), jnp.argmax(logits1, -1))
     np.testing.assert_array_equal(tok, greedy)
     np.testing.assert_allclose(vec[:, :5], codebook[greedy][:, :5], atol=1e-6)
     np.testing.assert_allclose(vec[:, 5:], cont1[:, 5:], atol=1e-6)

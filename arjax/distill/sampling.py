@@ -20,13 +20,7 @@ import numpy as np
 
 from arjax.config import check
 from arjax.models import bind
-
-
-def nearest_codes(x: jax.Array, codebook: jax.Array) -> jax.Array:
-    """argmin_j |x - c_j|^2 for x [..., C] -> int32 [...] (expanded form, no [.., V, C])."""
-    dist = jnp.sum(codebook * codebook, -1) - 2 * jnp.einsum(
-        "...c,vc->...v", x, codebook, precision=jax.lax.Precision.HIGHEST)
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+from arjax.nn.layers import nearest_code
 
 
 def token_starts(student) -> np.ndarray:
@@ -53,7 +47,7 @@ def student_step(student, labels, noise, vectors, tokens, k: int, split: int, co
     data = jnp.arange(length) < starts[k]
     x = jnp.where(data[None, :, None], vectors, noise)
     cont, logits = student(x, labels, jnp.full(labels.shape, k, jnp.int32))
-    tokens = jnp.where(data, nearest_codes(x, codebook), jnp.argmax(logits, -1)).astype(
+    tokens = jnp.where(data, nearest_code(x, codebook), jnp.argmax(logits, -1)).astype(
         jnp.int32)
     head = (jnp.arange(length) < starts[split])[None, :, None]
     vectors = jnp.where(head, codebook[tokens], jnp.where(data[None, :, None], x, cont))
@@ -85,7 +79,7 @@ def teacher_involved(graphdef, params, teacher, labels: jax.Array, noise: jax.Ar
     if start:
         first, _ = student_step(student, labels, noise, noise,
                                 jnp.zeros(noise.shape[:2], jnp.int32), 0, split, codebook)
-        prefix = nearest_codes(first[:, :token_starts(student)[start]], codebook)  # snapped
+        prefix = nearest_code(first[:, :token_starts(student)[start]], codebook)  # snapped
         student_passes = 2
     sampled, teacher_passes = teacher(prefix, start, t2)
     vectors, tokens = student_step(student, labels, noise, codebook[sampled], sampled, t2,

@@ -65,3 +65,17 @@ class TimestepEmbedder(nnx.Module):
         args = t.astype(jnp.float32)[:, None] * freqs[None]
         emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
         return self.mlp_2(jax.nn.silu(self.mlp_0(emb)))
+
+
+def code_distances(x: jax.Array, table: jax.Array) -> jax.Array:
+    """Squared L2 distances |x - c_j|^2, x [..., C], table [V, C] -> [..., V], in the expanded
+    form (no [..., V, C] intermediate) at full float32 matmul precision (TPUs default to
+    bfloat16 passes, which can flip near-ties)."""
+    cross = jnp.einsum("...c,vc->...v", x, table, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(x * x, -1, keepdims=True) + jnp.sum(table * table, -1) - 2 * cross
+
+
+def nearest_code(x: jax.Array, table: jax.Array) -> jax.Array:
+    """Index of the nearest codebook row: x [..., C] -> int32 [...]."""
+    return jnp.argmin(code_distances(x, table), axis=-1).astype(jnp.int32)
+

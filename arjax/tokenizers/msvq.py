@@ -21,6 +21,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.conv import conv2d, group_norm, spatial_attention
+from arjax.nn.layers import nearest_code
 from arjax.nn.policy import check_policy, conv_dtypes
 from arjax.nn.resize import resize
 from arjax.tokenizers.ldm import Decoder, Encoder
@@ -112,9 +113,7 @@ class MultiScaleQuantizer(nnx.Module):
 
     def lookup(self, z):
         """Nearest code by squared L2: z [..., C] -> int32 [...]."""
-        table = self.embedding.embedding[...]
-        dist = jnp.sum(z**2, -1, keepdims=True) + jnp.sum(table**2, -1) - 2 * z @ table.T
-        return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+        return nearest_code(z, self.embedding.embedding[...])
 
     def __call__(self, f):
         """f [B,H,W,C] -> (straight-through f_hat, per-scale codes, loss)."""

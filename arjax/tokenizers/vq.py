@@ -16,6 +16,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.conv import AttnBlock, Downsample, Level, ResnetBlock, Upsample, conv2d, group_norm
+from arjax.nn.layers import code_distances
 from arjax.nn.policy import check_policy, conv_dtypes
 
 
@@ -123,8 +124,7 @@ class VectorQuantizer(nnx.Module):
         z = _l2(z) if cfg.l2_norm else z
         table = self.codebook()
         flat = z.reshape(-1, z.shape[-1])
-        dist = (jnp.sum(flat**2, -1, keepdims=True) + jnp.sum(table**2, -1)
-                - 2 * flat @ table.T)
+        dist = code_distances(flat, table)
         codes = jnp.argmin(dist, axis=-1)
         z_q = table[codes].reshape(z.shape)
         losses = {
