@@ -25,14 +25,16 @@ p = N(mu_p, s_p^2), q = N(mu_q, s_q^2) (diagonal over the C channels):
   sample.
 
 The guidance weight of the whole window is the one of its last draft step (official). Static
-shapes: the schedule (pre-fill steps, windows) is a host table; windows are a `lax.scan`, the
-draft steps of a window a `fori_loop`, every step gathers the most tokens any step (window)
-predicts.
+shapes: the schedule (pre-fill steps, windows) is a host table; the pre-fill steps run as the
+plain sampler's `segments` and the windows as `sample.segments` runs (`window_runs`), each a
+`lax.scan` over its windows compiled with its own encoder cap and gathered token counts, the
+draft steps of a window a `fori_loop`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -49,6 +51,7 @@ from arjax.sampling.mar import (
     mask_schedule,
     predict,
     scatter,
+    segments,
     start,
 )
 
@@ -141,6 +144,21 @@ def verify(key, rule: CSpDConfig, x_q, q, x_p, p):
     return jnp.where(accepted[:, None], x_q, y), accepted, ~accepted & ~found, log_r, log_f
 
 
+def window_runs(m: np.ndarray, first: np.ndarray, windows: np.ndarray, count: int):
+    """The windows in `count` runs of about equal length, each compiled with its own shapes
+    (as `sampling.mar.segments` does for plain steps) -> [(windows [n, 2], (encoder cap = the
+    most tokens known at any of the run's steps, the most tokens a draft step predicts, the
+    most tokens a window verifies))]: early windows predict few tokens, so padding every
+    window to the last one's size would multiply the diffusion chains' rows."""
+    length, runs = m[0], []
+    for part in np.array_split(windows, min(count, len(windows))) if len(windows) else []:
+        steps = np.arange(part[0, 0], part[-1, 1] + 1)
+        runs.append((part, (max(1, int(length - m[part[-1, 1]])),
+                            int(np.max(m[steps] - first[steps])),
+                            int(max(m[a] - first[b] for a, b in part)))))
+    return runs
+
+
 def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
                    spec: CSpDConfig, noise=None, ranks=None) -> tuple[jax.Array, dict]:
     """target, draft = (graphdef, params) of two MARs over the same tokens; labels int [B]
@@ -156,37 +174,37 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
     spec.validate()
     canvas = start(t_model, key, labels, cfg, noise, ranks)
     d_canvas = canvas._replace(cond=start(d_model, key, labels, cfg, noise, canvas.ranks).cond)
-    m, first = mask_schedule(mcfg.seq_len, cfg.num_iter)
+    m_host, first_host = mask_schedule(mcfg.seq_len, cfg.num_iter)
     prefill, windows = schedule(cfg.num_iter, spec)
-    width = int(np.max(m[:-1] - first))
-    window_width = int(max([m[a] - first[b] for a, b in windows], default=1))
-    weights = jnp.asarray(guidance_weights(cfg, m, mcfg.seq_len), jnp.float32)
-    m, first = jnp.asarray(m), jnp.asarray(first)
+    weights = jnp.asarray(guidance_weights(cfg, m_host, mcfg.seq_len), jnp.float32)
+    m, first = jnp.asarray(m_host), jnp.asarray(first_host)
     final = spec.rule == "exact" or cfg.final_noise
 
-    def target_step(s, tokens):
-        idx, valid, new, *_ = predict(t_model, canvas._replace(tokens=tokens), m[s], first[s],
-                                      m[s], width, weights[s], cfg, final)
-        return scatter(tokens, idx, valid, new)
-
-    tokens = jax.lax.fori_loop(0, prefill, target_step, canvas.tokens)
+    tokens = canvas.tokens
+    for begin, end, cap, width in segments(m_host, first_host[:prefill], cfg.segments):
+        def target_step(s, tokens, cap=cap, width=width):
+            idx, valid, new, *_ = predict(t_model, canvas._replace(tokens=tokens), m[s],
+                                          first[s], m[s], width, weights[s], cfg, final, cap)
+            return scatter(tokens, idx, valid, new)
+        tokens = jax.lax.fori_loop(begin, end, target_step, tokens)
     verify_key = jax.random.fold_in(canvas.noise_key, mcfg.seq_len)
 
-    def window(carry, ab):
+    def window(carry, ab, shapes):
         tokens, counts = carry
         a, b = ab[0], ab[1]
+        cap, width, window_width = shapes
 
         def draft_step(s, state):
             toks, gauss = state
             idx, valid, new, *q = predict(d_model, d_canvas._replace(tokens=toks), m[s],
-                                          first[s], m[s], width, weights[s], cfg, final)
+                                          first[s], m[s], width, weights[s], cfg, final, cap)
             return (scatter(toks, idx, valid, new),
                     tuple(scatter(g, idx, valid, v) for g, v in zip(gauss, q)))
 
         zeros = jnp.zeros_like(tokens)
         drafted, gauss = jax.lax.fori_loop(a, b + 1, draft_step, (tokens, (zeros,) * 3))
         idx, valid, x_p, *p = predict(t_model, canvas._replace(tokens=drafted), m[a],
-                                      first[b], m[a], window_width, weights[b], cfg, final)
+                                      first[b], m[a], window_width, weights[b], cfg, final, cap)
         flat = lambda arr: arr.reshape(-1, arr.shape[-1])
         at = lambda arr: flat(jnp.take_along_axis(arr, idx[..., None], axis=1))
         new, accepted, fallback, log_r, log_f = verify(
@@ -206,8 +224,9 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
     zero = jnp.int32(0)
     counts = dict(drafted=zero, accepted=zero, residual_fallbacks=zero, draft_passes=zero,
                   windows=zero, log_ratio=jnp.float32(0), log_factor=jnp.float32(0))
-    if len(windows):
-        (tokens, counts), _ = jax.lax.scan(window, (tokens, counts), jnp.asarray(windows))
+    for run, shapes in window_runs(m_host, first_host, windows, cfg.segments):
+        (tokens, counts), _ = jax.lax.scan(functools.partial(window, shapes=shapes),
+                                           (tokens, counts), jnp.asarray(run))
     drafted = jnp.maximum(counts["drafted"], 1)
     stats = {"target_passes": prefill + counts["windows"],
              "draft_passes": counts["draft_passes"],
