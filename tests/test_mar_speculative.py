@@ -10,8 +10,14 @@ from test_mar import tiny
 
 from arjax.config import ConfigError
 from arjax.models.mar import DiffusionMLP, diffusion
-from arjax.sampling.mar import MARSampleConfig, sample_latents
-from arjax.sampling.mar_speculative import CSpDConfig, residual, schedule, verify
+from arjax.sampling.mar import MARSampleConfig, mask_schedule, sample_latents
+from arjax.sampling.mar_speculative import (
+    CSpDConfig,
+    residual,
+    schedule,
+    verify,
+    window_runs,
+)
 from arjax.sampling.mar_speculative import sample_latents as cspd_latents
 
 
@@ -24,6 +30,25 @@ def test_schedule_prefill_and_windows():
                                                                            [3, 3]]
     with pytest.raises(ConfigError, match="rule"):
         CSpDConfig(rule="fast").validate()
+
+
+@pytest.mark.parametrize("count", [1, 3, 4])
+def test_window_runs_cover_every_window_with_enough_room(count):
+    """Runs keep the windows in order, and each run's shapes fit all its windows: the cap
+    holds every token known at a step start, the widths every token a step or window
+    predicts; later runs are wider than the first (the point of splitting)."""
+    m, first = mask_schedule(256, 64)
+    _, windows = schedule(64, CSpDConfig(num_draft=4, ratio=0.05))
+    runs = window_runs(m, first, windows, count)
+    assert len(runs) == count
+    assert np.concatenate([r for r, _ in runs]).tolist() == windows.tolist()
+    for run, (cap, width, window_width) in runs:
+        for a, b in run:
+            assert m[a] - first[b] <= window_width
+            for s in range(a, b + 1):
+                assert 256 - m[s] <= cap and m[s] - first[s] <= width
+    if count > 1:
+        assert runs[0][1][2] < runs[-1][1][2] and runs[0][1][0] < runs[-1][1][0]
 
 
 def gaussians(n, c=2, seed=0):
