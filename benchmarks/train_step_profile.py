@@ -38,7 +38,9 @@ def kind_of(name: str) -> str:
 
 def op_times(trace_dir: str) -> dict[str, float]:
     """Core-seconds per XLA op name summed over the trace: the complete events of XLA's
-    compute threads (`XLAEigen`), where an op split over both threads counts on both."""
+    compute threads (`XLAEigen`), where an op split over both threads counts on both; the
+    runtime's own scopes (`ThunkExecutor::Execute`, pool waits: C++ names) enclose ops and
+    are left out."""
     [path] = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -46,7 +48,7 @@ def op_times(trace_dir: str) -> dict[str, float]:
                "thread_name" and e["args"]["name"].startswith("tf_XLAEigen")}
     totals: dict[str, float] = collections.defaultdict(float)
     for e in events:
-        if e.get("ph") == "X" and e.get("tid") in compute:
+        if e.get("ph") == "X" and e.get("tid") in compute and "::" not in e["name"]:
             totals[e["name"]] += e.get("dur", 0) * 1e-6
     return totals
 
@@ -73,9 +75,11 @@ def main(argv=None) -> None:
     for name, t in per_step.items():
         kinds[kind_of(name)] += t
         counts[kind_of(name)] += 1
+    busy = sum(per_step.values())
     print(f"GPT-B train step, batch {args.batch} x 256, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, compile {compile_s:.0f} s: {wall:.2f} s per step "
-          f"(median of {args.steps}), {sum(per_step.values()):.2f} core-s in XLA ops")
+          f"(median of {args.steps}), {busy:.2f} core-s in XLA ops: {busy / wall:.2f} of "
+          f"{os.cpu_count()} cores busy")
     for kind, _ in KINDS:
         print(f"  {kind:<24} {kinds[kind]:6.2f} core-s  ({counts[kind]} ops)")
     print("  top ops:")
