@@ -177,6 +177,25 @@ def latent_rms(tokens: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.mean(jnp.square(tokens.astype(jnp.float32))))
 
 
+def run_steps(model, canvas: Canvas, tokens: jax.Array, cfg: MARSampleConfig, steps: int,
+              final_noise: bool = False) -> jax.Array:
+    """MAR steps 0..steps-1 of the schedule on `tokens`, as `cfg.segments` runs (each a
+    `fori_loop` compiled with its own encoder cap and token count): the plain sampler's whole
+    loop and CSpD's pre-fill."""
+    length = model.cfg.seq_len
+    m_host, first_host = mask_schedule(length, cfg.num_iter)
+    weights = jnp.asarray(guidance_weights(cfg, m_host, length), jnp.float32)
+    m, first = jnp.asarray(m_host), jnp.asarray(first_host)
+    for begin, end, cap, width in segments(m_host, first_host[:steps], cfg.segments):
+        def step(s, tokens, cap=cap, width=width):
+            idx, valid, new, *_ = predict(model, canvas._replace(tokens=tokens), m[s],
+                                          first[s], m[s], width, weights[s], cfg,
+                                          final_noise, cap)
+            return scatter(tokens, idx, valid, new)
+        tokens = jax.lax.fori_loop(begin, end, step, tokens)
+    return tokens
+
+
 def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
                    noise: tuple[jax.Array, jax.Array] | None = None, ranks: jax.Array | None
                    = None) -> tuple[jax.Array, dict]:
@@ -186,18 +205,7 @@ def sample_latents(graphdef, params, key: jax.Array, labels: jax.Array, cfg: MAR
     mcfg = model.cfg
     cfg.validate(mcfg.seq_len)
     canvas = start(model, key, labels, cfg, noise, ranks)
-    m, first = mask_schedule(mcfg.seq_len, cfg.num_iter)
-    runs = segments(m, first, cfg.segments)
-    weights = jnp.asarray(guidance_weights(cfg, m, mcfg.seq_len), jnp.float32)
-    m, first = jnp.asarray(m), jnp.asarray(first)
-    tokens = canvas.tokens
-    for begin, end, cap, width in runs:
-        def step(s, tokens, cap=cap, width=width):
-            idx, valid, new, *_ = predict(model, canvas._replace(tokens=tokens), m[s],
-                                          first[s], m[s], width, weights[s], cfg,
-                                          cfg.final_noise, cap)
-            return scatter(tokens, idx, valid, new)
-        tokens = jax.lax.fori_loop(begin, end, step, tokens)
+    tokens = run_steps(model, canvas, canvas.tokens, cfg, cfg.num_iter, cfg.final_noise)
     stats = {"target_passes": jnp.int32(cfg.num_iter),
              "nfe": jnp.int32(cfg.num_iter * cfg.diffusion_steps),
              "latent_rms": latent_rms(tokens)}

@@ -26,7 +26,7 @@ p = N(mu_p, s_p^2), q = N(mu_q, s_q^2) (diagonal over the C channels):
 
 The guidance weight of the whole window is the one of its last draft step (official). Static
 shapes: the schedule (pre-fill steps, windows) is a host table; the pre-fill steps run as the
-plain sampler's `segments` and the windows as `sample.segments` runs (`window_runs`), each a
+plain sampler's (`run_steps`) and the windows as `sample.segments` runs (`window_runs`), each a
 `lax.scan` over its windows compiled with its own encoder cap and gathered token counts, the
 draft steps of a window a `fori_loop`.
 """
@@ -50,8 +50,8 @@ from arjax.sampling.mar import (
     latent_rms,
     mask_schedule,
     predict,
+    run_steps,
     scatter,
-    segments,
     start,
 )
 
@@ -180,13 +180,7 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
     m, first = jnp.asarray(m_host), jnp.asarray(first_host)
     final = spec.rule == "exact" or cfg.final_noise
 
-    tokens = canvas.tokens
-    for begin, end, cap, width in segments(m_host, first_host[:prefill], cfg.segments):
-        def target_step(s, tokens, cap=cap, width=width):
-            idx, valid, new, *_ = predict(t_model, canvas._replace(tokens=tokens), m[s],
-                                          first[s], m[s], width, weights[s], cfg, final, cap)
-            return scatter(tokens, idx, valid, new)
-        tokens = jax.lax.fori_loop(begin, end, target_step, tokens)
+    tokens = run_steps(t_model, canvas, canvas.tokens, cfg, prefill, final)
     verify_key = jax.random.fold_in(canvas.noise_key, mcfg.seq_len)
 
     def window(carry, ab, shapes):
