@@ -3,13 +3,14 @@ compiled step (the one `train_step_official` times), summed by kind of op.
 
     python -m benchmarks.train_step_profile [--batch 4] [--steps 3] [--top 12]
 
-Times `--steps` steps (median wall time), then runs them under `jax.profiler.trace` (a
-Perfetto trace) and prints per step the core-seconds XLA's compute threads spent in each kind
-of op (layout copies and transposes: `copy*` / `transpose*` / `bitcast*` fusions; matmuls:
-the YNNPACK fusions and dots XLA:CPU emits for them; the rest) and in the `--top` ops. With
-two cores the core-seconds sum to at most twice the wall time. docs/benchmarks.md (issue 14)
-attributes the step's gap to the official code with it: copies XLA:CPU inserts to re-lay
-activations for the weight-gradient dots.
+Times `--steps` steps (median wall time, and the process's CPU time over them: how many cores
+the step keeps busy), then runs them under `jax.profiler.trace` (a Perfetto trace) and prints
+per step the seconds each kind of op occupies the thread that runs it (layout copies and
+transposes: `copy*` / `transpose*` / `bitcast*` fusions; matmuls: the YNNPACK fusions and dots
+XLA:CPU emits for them; the rest) and the `--top` ops. An op is traced on the one thread that
+runs it (XLA's client thread or an Eigen thread); the helpers a multi-threaded kernel (a
+YNNPACK matmul) wakes leave no event, so op seconds are not core-seconds: the CPU-time line
+says how busy the cores were.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import time
 
 import jax
 
@@ -37,18 +39,19 @@ def kind_of(name: str) -> str:
 
 
 def op_times(trace_dir: str) -> dict[str, float]:
-    """Core-seconds per XLA op name summed over the trace: the complete events of XLA's
-    compute threads (`XLAEigen`), where an op split over both threads counts on both; the
-    runtime's own scopes (`ThunkExecutor::Execute`, pool waits: C++ names) enclose ops and
-    are left out."""
+    """Seconds per XLA op name summed over the trace: the complete events of the threads that
+    run ops (XLA's client thread `XLAPjRtCpuClient` and its `XLAEigen` pool); the runtime's own
+    scopes (`ThunkExecutor::Execute`, pool waits: C++ names) enclose ops and are left out."""
     [path] = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
+    runners = ("tf_XLAEigen", "tf_XLAPjRtCpuClient")
     compute = {e["tid"] for e in events if e.get("ph") == "M" and e.get("name") ==
-               "thread_name" and e["args"]["name"].startswith("tf_XLAEigen")}
+               "thread_name" and e["args"]["name"].startswith(runners)}
     totals: dict[str, float] = collections.defaultdict(float)
     for e in events:
-        if e.get("ph") == "X" and e.get("tid") in compute and "::" not in e["name"]:
+        if e.get("ph") == "X" and e.get("tid") in compute and "::" not in e["name"] \
+                and not e["name"].startswith("end: "):
             totals[e["name"]] += e.get("dur", 0) * 1e-6
     return totals
 
@@ -63,7 +66,10 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
     run, _, compile_s, _ = arjax_step(args.batch)
+    cpu_before, wall_before = os.times(), time.perf_counter()
     wall = harness.median_s(run, args.steps)
+    cpu_after, wall_total = os.times(), time.perf_counter() - wall_before
+    cpu = sum(cpu_after[i] - cpu_before[i] for i in (0, 1))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(args.steps):
@@ -75,16 +81,15 @@ def main(argv=None) -> None:
     for name, t in per_step.items():
         kinds[kind_of(name)] += t
         counts[kind_of(name)] += 1
-    busy = sum(per_step.values())
     print(f"GPT-B train step, batch {args.batch} x 256, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, compile {compile_s:.0f} s: {wall:.2f} s per step "
-          f"(median of {args.steps}), {busy:.2f} core-s in XLA ops: {busy / wall:.2f} of "
-          f"{os.cpu_count()} cores busy")
+          f"(median of {args.steps}); process CPU time {cpu / wall_total:.2f} cores busy; "
+          f"{sum(per_step.values()):.2f} s of ops per step")
     for kind, _ in KINDS:
-        print(f"  {kind:<24} {kinds[kind]:6.2f} core-s  ({counts[kind]} ops)")
+        print(f"  {kind:<24} {kinds[kind]:6.2f} s  ({counts[kind]} ops)")
     print("  top ops:")
     for name, t in sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]:
-        print(f"    {t:6.3f} core-s  {name}")
+        print(f"    {t:6.3f} s  {name}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from arjax.models.var import (
     class_conditioning,
     layer_norm,
 )
-from arjax.nn.layers import RMSNorm
+from arjax.nn.layers import Linear, RMSNorm
 from arjax.nn.policy import dtypes, float32, stacked
 from arjax.nn.scales import scale_bounds, scale_levels
 
@@ -50,7 +50,7 @@ class ContinuousHead(nnx.Module):
     def __init__(self, dim: int, out: int, *, rngs: nnx.Rngs, kernel_init=None):
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (2, dim))
                                            / math.sqrt(dim))
-        self.linear = nnx.Linear(dim, out, rngs=rngs, **({"kernel_init": kernel_init}
+        self.linear = Linear(dim, out, rngs=rngs, **({"kernel_init": kernel_init}
                                                          if kernel_init else {}))
 
     def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
@@ -71,11 +71,11 @@ class DDRaster(nnx.Module):
         kw, init = dtypes(cfg), nnx.initializers.normal(0.02)
         self.cls_embedding = nnx.Embed(cfg.num_classes + 1, cfg.dim, **kw,
                                        embedding_init=init, rngs=rngs)
-        self.tok_embeddings = nnx.Linear(code_dim, cfg.dim, **kw, kernel_init=init, rngs=rngs)
+        self.tok_embeddings = Linear(code_dim, cfg.dim, **kw, kernel_init=init, rngs=rngs)
         self.n_d_embed = nnx.Embed(2, cfg.dim, **kw, embedding_init=init, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
-        self.output = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
+        self.output = Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
                                  preferred_element_type=jnp.float32, rngs=rngs)
         self.final_layer_conti = ContinuousHead(cfg.dim, code_dim, rngs=rngs)
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import attend
-from arjax.nn.layers import RMSNorm, TimestepEmbedder, dropout
+from arjax.nn.layers import Linear, RMSNorm, TimestepEmbedder, dropout
 from arjax.nn.policy import check_policy, dtypes, float32, stacked
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
@@ -139,7 +139,7 @@ def _linear(cin, cout, kw, rngs, bias=True):
     """Official init: every Linear xavier-uniform with zero bias (FlowAR's final `apply` also
     re-initialises the flow head's, so its output layer is not zero at init). `kw`: dtypes
     (`arjax.nn.policy.dtypes` for matmuls in the compute dtype, `float32` for AdaLN/heads)."""
-    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs, **kw,
+    return Linear(cin, cout, use_bias=bias, rngs=rngs, **kw,
                       kernel_init=nnx.initializers.xavier_uniform())
 
 

@@ -31,7 +31,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.diffusion import SCHEDULES, Diffusion
 from arjax.nn.attention import attend
-from arjax.nn.layers import TimestepEmbedder, dropout
+from arjax.nn.layers import Linear, TimestepEmbedder, dropout
 from arjax.nn.policy import check_policy, dtypes, float32, stacked
 
 
@@ -94,7 +94,7 @@ XAVIER = nnx.initializers.xavier_uniform()  # every Linear (official JAX-ViT ini
 
 
 def _linear(cin, cout, kw, rngs, init=XAVIER):
-    return nnx.Linear(cin, cout, rngs=rngs, kernel_init=init, **kw)
+    return Linear(cin, cout, rngs=rngs, kernel_init=init, **kw)
 
 
 def _layer_norm(dim, cfg, affine=True):

@@ -19,7 +19,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import Attention, KVCache, init_cache
-from arjax.nn.layers import RMSNorm, SwiGLU, dropout, find_multiple
+from arjax.nn.layers import Linear, RMSNorm, SwiGLU, dropout, find_multiple
 from arjax.nn.policy import check_policy, dtypes, stacked
 from arjax.nn.rope import rope_2d_table
 
@@ -108,7 +108,7 @@ class RasterAR(nnx.Module):
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
         # Zero-initialised head, as in the official model; logits accumulate in float32.
-        self.output = nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
+        self.output = Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
                                  preferred_element_type=jnp.float32,
                                  kernel_init=nnx.initializers.zeros, rngs=rngs)
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from arjax.config import check
 from arjax.nn.attention import attend
+from arjax.nn.layers import Linear
 from arjax.nn.policy import check_policy, dtypes, float32, stacked
 from arjax.nn.scales import (
     attend_scale,
@@ -92,7 +93,7 @@ def layer_norm(x, eps):
 
 
 def _linear(cin, cout, rngs, std, bias=True, **dtype_kw):
-    return nnx.Linear(cin, cout, use_bias=bias, rngs=rngs, **dtype_kw,
+    return Linear(cin, cout, use_bias=bias, rngs=rngs, **dtype_kw,
                       kernel_init=nnx.initializers.truncated_normal(std, lower=-2 / std,
                                                                     upper=2 / std))
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arjax.nn.layers import Linear
 from arjax.nn.rope import apply_rope
 
 KVCache = dict[str, jax.Array]
@@ -55,8 +56,8 @@ class Attention(nnx.Module):
         total = (self.heads + 2 * self.kv_heads) * self.head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
                   rngs=rngs)
-        self.wqkv = nnx.Linear(dim, total, **kw)
-        self.wo = nnx.Linear(dim, dim, **kw)
+        self.wqkv = Linear(dim, total, **kw)
+        self.wo = Linear(dim, dim, **kw)
 
     def _qkv(self, x, rope):
         b, t, _ = x.shape
