@@ -28,6 +28,10 @@ MODELS = {"flowar_S": "flowar_imagenet:imagenet256_S", "flowar_L": "flowar_image
           "gpt_3B": "llamagen_imagenet:imagenet256_3B"}
 POLICIES = {"f32": [], "bf16+remat": ["model.dtype=bfloat16", "model.remat=full"]}
 STACKS = {"flowar": ("depth", "head_depth"), "var": ("depth",), "gpt": ("depth",)}
+#: Fields a family derives from the block count unless set (VAR: width 64 x depth, heads =
+#: depth): a shallow compile pins them to the full model's values.
+PINNED = {"var": lambda m: [f"model.width={m['width'] or 64 * m['depth']}",
+                            f"model.heads={m['heads'] or m['depth']}"]}
 
 
 def shallow(run, argv: list[str], name: str) -> dict:
@@ -37,7 +41,9 @@ def shallow(run, argv: list[str], name: str) -> dict:
     peak below the state it holds): XLA compiled the 2-block step differently."""
     planned = run(argv + ["--mode", "state"])
     full = planned["model"]
-    stacks = STACKS[name.split("_")[0]]
+    family = name.split("_")[0]
+    stacks = STACKS[family]
+    argv = argv + [a for p in PINNED.get(family, lambda m: [])(full) for a in ("--set", p)]
     ones = [f"model.{s}=1" for s in stacks]
     base = run(argv + ["--mode", "estimate"] + [a for o in ones for a in ("--set", o)])
     out = dict(base)
