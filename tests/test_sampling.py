@@ -44,6 +44,19 @@ def test_filters_match_reference(top_k, top_p):
     assert np.all(np.isfinite(got).sum(-1) >= 1)
 
 
+def test_filters_match_reference_on_a_whole_vocabulary():
+    """VAR's vocabulary and cut-offs, with negative, positive and already masked logits (the
+    radix select works on the float bit patterns, so every sign and -inf must order right)."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, 4096)) * 3).astype(np.float32)
+    logits[:, :100] = -np.inf
+    for top_k, top_p in [(900, 0.96), (0, 0.8), (4096, 0.5), (1, 0.3)]:
+        got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+        for row in range(4):
+            np.testing.assert_array_equal(np.isinf(got[row]),
+                                          np.isinf(hf_filter(logits[row], top_k, top_p)))
+
+
 def test_top_k_keeps_ties():
     got = filter_logits(jnp.array([[1.0, 3.0, 2.0, 2.0, 0.0]]), 2, 1.0)
     np.testing.assert_array_equal(np.isfinite(got[0]), [False, True, True, True, False])

@@ -64,21 +64,40 @@ class SampleStats(NamedTuple):
     logprob: jax.Array  # float32 [B]: sum of log p(sampled token) under the sampled dist
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 in the same order (sign-flipped bit patterns)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_key(keys: jax.Array, holds) -> jax.Array:
+    """The largest uint32 K [..., 1] with `holds(K)`, for a `holds` that is true from 0 up to
+    some K and false above: set bit by bit from the top, 32 passes over the last axis."""
+    def bit(i, k):
+        candidate = k | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(holds(candidate), candidate, k)
+
+    return jax.lax.fori_loop(0, 32, bit, jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32))
+
+
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """Masks (to -inf) logits outside top-k and outside the top-p nucleus. logits [..., V]."""
-    top = None
+    """Masks (to -inf) logits outside top-k and outside the top-p nucleus. logits [..., V].
+
+    Both cut-offs are found by a radix select on the logits' ordered bit patterns (32
+    vectorised passes over the vocabulary) rather than a sort: XLA:CPU's sort handled about
+    one element per microsecond, which made VAR-d16's top-k the largest op of its batch-8
+    sampling (docs/benchmarks.md, issue 14). Ties with a cut-off are kept. The nucleus keeps
+    every token whose strictly larger tokens hold at most `top_p` of the mass, i.e. the tokens
+    at or above the largest value whose tokens at or above it hold more than `top_p`."""
+    keys = _ordered_keys(logits)
     if top_k > 0:
-        top = jax.lax.top_k(logits, top_k)[0]  # descending
-        logits = jnp.where(logits < top[..., -1:], -jnp.inf, logits)
+        kth = _largest_key(keys, lambda k: jnp.sum(keys >= k, -1, keepdims=True) >= top_k)
+        logits = jnp.where(keys < kth, -jnp.inf, logits)
     if top_p < 1.0:
-        # After top-k the nucleus lies among the k largest: no full sort (2-5x faster on CPU
-        # for VAR/LlamaGen vocabularies). Ties with the k-th value sort last either way.
-        sorted_desc = top if top is not None else -jnp.sort(-logits, axis=-1)
-        probs = jnp.exp(sorted_desc - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.sum(mass_before <= top_p, axis=-1, keepdims=True)  # >= 1
-        threshold = jnp.take_along_axis(sorted_desc, kept - 1, axis=-1)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        edge = _largest_key(keys, lambda k: jnp.sum(jnp.where(keys >= k, probs, 0.0), -1,
+                                                    keepdims=True) > top_p)
+        logits = jnp.where(keys < edge, -jnp.inf, logits)
     return logits
 
 
