@@ -34,12 +34,12 @@ PINNED = {"var": lambda m: [f"model.width={m['width'] or 64 * m['depth']}",
                             f"model.heads={m['heads'] or m['depth']}"]}
 
 
-def shallow(run, argv: list[str], name: str) -> dict:
+def shallow(run, argv: list[str], name: str, planned: dict) -> dict:
     """Temporaries and peak of the full-depth cell from compiles with 1 and 2 blocks per
     stack: value = v(1, ..) + sum over stacks of (depth - 1) * (v(.., 2, ..) - v(1, ..)).
     `consistent` is False when that cannot be a real program's (negative temporaries, or a
-    peak below the state it holds): XLA compiled the 2-block step differently."""
-    planned = run(argv + ["--mode", "state"])
+    peak below the state it holds): XLA compiled the 2-block step differently. `planned`:
+    the full-depth cell's `--mode state` result."""
     full = planned["model"]
     family = name.split("_")[0]
     stacks = STACKS[family]
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
             full = run(argv + ["--mode", "state"])
             r = full
             if args.mode != "state":
-                r = shallow(run, argv, name) if args.shallow else run(argv + ["--mode",
+                r = shallow(run, argv, name, full) if args.shallow else run(argv + ["--mode",
                                                                               args.mode])
             state = full["params"] + full["opt_state"] + full["ema"]
             extra = ["-", "-", "-"]

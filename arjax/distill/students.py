@@ -51,7 +51,7 @@ class ContinuousHead(nnx.Module):
         self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (2, dim))
                                            / math.sqrt(dim))
         self.linear = Linear(dim, out, rngs=rngs, **({"kernel_init": kernel_init}
-                                                         if kernel_init else {}))
+                                                     if kernel_init else {}))
 
     def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.scale_shift_table[...][None] + cond[:, None], 2, axis=1)
@@ -76,7 +76,7 @@ class DDRaster(nnx.Module):
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
         self.output = Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
-                                 preferred_element_type=jnp.float32, rngs=rngs)
+                             preferred_element_type=jnp.float32, rngs=rngs)
         self.final_layer_conti = ContinuousHead(cfg.dim, code_dim, rngs=rngs)
 
     @property

@@ -140,7 +140,7 @@ def _linear(cin, cout, kw, rngs, bias=True):
     re-initialises the flow head's, so its output layer is not zero at init). `kw`: dtypes
     (`arjax.nn.policy.dtypes` for matmuls in the compute dtype, `float32` for AdaLN/heads)."""
     return Linear(cin, cout, use_bias=bias, rngs=rngs, **kw,
-                      kernel_init=nnx.initializers.xavier_uniform())
+                  kernel_init=nnx.initializers.xavier_uniform())
 
 
 def _keys(key, n):

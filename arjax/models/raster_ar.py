@@ -109,8 +109,8 @@ class RasterAR(nnx.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, kw["param_dtype"])
         # Zero-initialised head, as in the official model; logits accumulate in float32.
         self.output = Linear(cfg.dim, cfg.vocab_size, use_bias=False, **kw,
-                                 preferred_element_type=jnp.float32,
-                                 kernel_init=nnx.initializers.zeros, rngs=rngs)
+                             preferred_element_type=jnp.float32,
+                             kernel_init=nnx.initializers.zeros, rngs=rngs)
 
     @property
     def rope(self) -> np.ndarray:

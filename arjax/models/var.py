@@ -94,8 +94,8 @@ def layer_norm(x, eps):
 
 def _linear(cin, cout, rngs, std, bias=True, **dtype_kw):
     return Linear(cin, cout, use_bias=bias, rngs=rngs, **dtype_kw,
-                      kernel_init=nnx.initializers.truncated_normal(std, lower=-2 / std,
-                                                                    upper=2 / std))
+                  kernel_init=nnx.initializers.truncated_normal(std, lower=-2 / std,
+                                                                upper=2 / std))
 
 
 class SelfAttention(nnx.Module):
