@@ -141,25 +141,40 @@ class Diffusion:
         return self.chain(net, x, noise, temperature)[0]
 
     def chain(self, net: Net, x: jax.Array, noise: jax.Array,
-              temperature: float | jax.Array = 1.0, final_noise: bool = False):
+              temperature: float | jax.Array = 1.0, final_noise: bool = False,
+              prepare: Callable | None = None, chunk: int = 1):
         """`sample`, and the last step's Gaussian: -> (x_0, mean, std (temperature
         included), sum over the earlier steps of log sigma (CSpD's trajectory term)), each
         [N, C]. `final_noise`: the last step draws noise[0] too, so x_0 ~ N(mean, std^2)
-        given the earlier noises (what an exact speculative ratio needs)."""
+        given the earlier noises (what an exact speculative ratio needs). `prepare`: original
+        timesteps [chunk] -> the network's per-step inputs [chunk, ...] that do not depend on
+        x, computed for `chunk` steps at a time (`chunk` divides the steps); `net` is then
+        called as net(x, that step's inputs)."""
 
-        def step(carry, i):
-            x, log_std_sum = carry
+        def step(carry, xs):
+            (x, log_std_sum), (i, given) = carry, xs
             idx = jnp.full((x.shape[0],), i)
-            mean, log_var = self.mean_log_var(net(x, self._at("timesteps", idx)[:, 0]), x, idx)
+            out = net(x, self._at("timesteps", idx)[:, 0] if prepare is None else given)
+            mean, log_var = self.mean_log_var(out, x, idx)
             std = jnp.exp(0.5 * log_var) * temperature
             last = i == 0
             scale = std if final_noise else jnp.where(last, 0.0, std)
             nxt = mean + scale * noise[i]
             return (nxt, log_std_sum + jnp.where(last, 0.0, 0.5 * log_var)), (mean, std)
 
-        steps = jnp.arange(self.steps - 1, -1, -1)
-        (x, log_std_sum), (means, stds) = jax.lax.scan(step, (x, jnp.zeros_like(x)), steps)
-        return x, means[-1], stds[-1], log_std_sum
+        steps, init = jnp.arange(self.steps - 1, -1, -1), (x, jnp.zeros_like(x))
+        if prepare is None:
+            (x, log_std_sum), (means, stds) = jax.lax.scan(step, init, (steps, steps))
+            return x, means[-1], stds[-1], log_std_sum
+        if self.steps % chunk:
+            raise ValueError(f"chunk={chunk} must divide the {self.steps} steps")
+        timesteps = jnp.asarray(self.tables["timesteps"])
+
+        def run(carry, ids):
+            return jax.lax.scan(step, carry, (ids, prepare(timesteps[ids])))
+
+        (x, log_std_sum), (means, stds) = jax.lax.scan(run, init, steps.reshape(-1, chunk))
+        return x, means[-1, -1], stds[-1, -1], log_std_sum
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

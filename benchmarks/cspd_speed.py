@@ -65,9 +65,9 @@ def main(argv=None) -> None:
     print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, load {os.getloadavg()}; "
           f"random MAR-{args.target} target, MAR-{args.draft} draft, {args.num_iter} steps, "
           f"ratio {args.ratio}, official rule, CFG 2.9 linear, 100 diffusion steps, float32")
-    print("| batch | sampler | target passes | draft passes | s (median) | spread | speed-up | "
-          "compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | sampler | target passes | draft passes | acceptance | s (median) | spread | "
+          "speed-up | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         labels = jnp.asarray(np.arange(batch) * 97 % 1000, jnp.int32)
         stats, compile_s, times = {}, {}, {name: [] for name in fns}
@@ -85,7 +85,8 @@ def main(argv=None) -> None:
         for name, t in times.items():
             s = stats[name]
             drafts = int(s.get("draft_passes", 0))
-            print(f"| {batch} | {name} | {int(s['target_passes'])} | {drafts} | "
+            accept = f"{float(s['acceptance']):.3f}" if "acceptance" in s else "-"
+            print(f"| {batch} | {name} | {int(s['target_passes'])} | {drafts} | {accept} | "
                   f"{statistics.median(t):.1f} | {min(t):.1f}-{max(t):.1f} | "
                   f"x{base / statistics.median(t):.2f} | {compile_s[name]:.0f} |", flush=True)
     print(f"load after {os.getloadavg()}")

@@ -170,6 +170,36 @@ def test_chain_with_the_exact_denoiser_samples_the_data_distribution(schedule, s
     np.testing.assert_allclose(x.std(0), s, rtol=0.015)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chain_with_prepared_step_inputs_equals_the_plain_chain(chunk):
+    """The sampler's hoisting: a net whose t-only inputs come from `prepare`, `chunk` steps at
+    a time, runs the same chain as the net given t."""
+    process = Diffusion.make("cosine", 1000, 10)
+    w = jax.random.normal(jax.random.key(1), (2, 4))
+    feature = lambda t: jnp.sin(t.astype(jnp.float32)[..., None] / 100.0 + jnp.arange(4.0))
+    net = lambda x, t: jnp.tanh(x @ w + feature(t))
+    x, noise = jax.random.normal(jax.random.key(2), (3, 2)), jax.random.normal(
+        jax.random.key(3), (10, 3, 2))
+    plain = process.chain(net, x, noise, 0.9, True)
+    prepared = process.chain(lambda x, f: jnp.tanh(x @ w + f), x, noise, 0.9, True,
+                             prepare=lambda t: feature(t)[:, None], chunk=chunk)
+    for a, b in zip(plain, prepared):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_hoisted_modulations_give_the_same_denoiser():
+    cfg, graphdef, params = tiny()
+    head = bind(graphdef, params).diffloss
+    x = jax.random.normal(jax.random.key(0), (5, cfg.token_dim))
+    c = head.condition(jax.random.normal(jax.random.key(1), (5, cfg.width)))
+    t = jnp.array([999, 500, 3])
+    mods = head.modulations(t, c)
+    for k in range(3):
+        np.testing.assert_allclose(
+            head.denoise_modulated(x, [m[k] for m in mods]),
+            head.denoise(x, jnp.full((5,), t[k]), c), rtol=1e-5, atol=1e-5)
+
+
 def test_diffusion_loss_vanishes_for_the_true_noise_and_posterior_variance():
     """eps equal to the drawn noise and v = -1 (log variance = the posterior's) make the
     model's Gaussian the true posterior q(x_{t-1} | x_t, x0): MSE and KL both 0 (t > 0);

@@ -151,6 +151,12 @@ def test_exact_cspd_reproduces_the_target_distribution(monkeypatch):
     tokens). Per position and channel, CSpD's tokens (exact rule, one step per window) and the
     target's own tokens (with the last-step noise) pass a two-sample KS test."""
     monkeypatch.setattr(DiffusionMLP, "denoise", gaussian_head)
+    # the samplers call the head through its hoisted per-step inputs: pass (t, c) through
+    monkeypatch.setattr(DiffusionMLP, "modulations", lambda self, t, c: (
+        jnp.broadcast_to(t[:, None], t.shape + c.shape[:1]),
+        jnp.broadcast_to(c, t.shape + c.shape)))
+    monkeypatch.setattr(DiffusionMLP, "denoise_modulated",
+                        lambda self, x, mods: gaussian_head(self, x, *mods))
     _, graphdef, t_params = tiny(seed=0, side=2, token_dim=2)
     leaves, tree = jax.tree.flatten(t_params)
     keys = jax.random.split(jax.random.key(9), len(leaves))

@@ -149,8 +149,10 @@ def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,
     process = diffusion(model.cfg.noise_schedule, cfg.diffusion_steps)
     init, inter = position_noise(canvas, idx, process.steps, c)
 
-    def net(x, t):
-        out = model.diffloss.denoise(double(x), double(t), zc)
+    head = model.diffloss
+
+    def net(x, mods):
+        out = head.denoise_modulated(double(x), mods)
         if not guided:
             return out
         (eps_c, var_c), (eps_u, _) = (jnp.split(h, 2, -1) for h in jnp.split(out, 2))
@@ -158,8 +160,22 @@ def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,
 
     # the chain's j-th step (step index T-1-j) draws inter[:, :, j]
     steps_first = jnp.moveaxis(inter, 2, 0)[::-1].reshape(process.steps, -1, c)
-    out = process.chain(net, init.reshape(-1, c), steps_first, cfg.temperature, final_noise)
+    out = process.chain(net, init.reshape(-1, c), steps_first, cfg.temperature, final_noise,
+                        prepare=lambda t: head.modulations(t, zc),
+                        chunk=modulation_chunk(head, zc.shape[0], process.steps))
     return idx, valid, *(a.reshape(batch, width, c) for a in out)
+
+
+MODULATION_BYTES = 64 * 2**20  # per run of chain steps: big enough for large-row matmuls
+
+
+def modulation_chunk(head, rows: int, steps: int) -> int:
+    """How many chain steps' AdaLN modulations to compute at once: the most (a divisor of
+    `steps`) whose float32 modulations for `rows` rows fit in MODULATION_BYTES."""
+    per_step = 4 * rows * sum(layer.adaLN_modulation.kernel.shape[1]
+                              for layer in (*head.res_blocks, head.final_layer))
+    return max(d for d in range(1, steps + 1)
+               if steps % d == 0 and (d == 1 or d * per_step <= MODULATION_BYTES))
 
 
 def scatter(tokens: jax.Array, idx: jax.Array, valid: jax.Array, values: jax.Array):
