@@ -1,15 +1,22 @@
-"""One AdamW train step of GPT-B (batch 4 x 256 tokens, float32): arjax vs the official
-LlamaGen model + cross-entropy + torch AdamW, same process, interleaved, against the floor.
+"""One AdamW train step, float32, batch 4: arjax vs the official model + loss + torch AdamW,
+same process, interleaved, against the floor. GPT-B (256 tokens) against LlamaGen, VAR-d16
+(680 tokens) against VAR.
 
-    python -m benchmarks.train_step_official --official /path/to/LlamaGen [--rounds 5]
-        [--steps 2] [--batch 4] [--compete] [--torch-threads N]
+    python -m benchmarks.train_step_official --official /path/to/LlamaGen [--model gpt_B]
+    python -m benchmarks.train_step_official --official /path/to/VAR --model var_d16
+        [--rounds 5] [--steps 2] [--batch 4] [--compete] [--torch-threads N]
 
-arjax runs the experiment's own step (`experiments.llamagen_imagenet.plan_stage`: model,
-loss, AdamW with the preset's betas / weight decay / gradient clip), jitted with donation;
-the official side runs `GPT_models["GPT-B"]` in train mode (dropouts as the preset: 0.1),
-`F.cross_entropy`, `clip_grad_norm_(1.0)` and `torch.optim.AdamW(lr=1e-4, betas=(0.9, 0.95),
-weight_decay=0.05)` (fused=False, foreach as torch chooses), as its `train_c2i.py`. The
-compute floor counts 6 FLOPs per matmul weight per token (forward + backward) plus attention.
+arjax runs the experiment's own step (`plan_stage` of `llamagen_imagenet` / `var_imagenet`:
+model, loss, AdamW with the preset's betas / weight decay / gradient clip), jitted with
+donation. GPT-B: the official `GPT_models["GPT-B"]` in train mode (dropouts as the preset:
+0.1), `F.cross_entropy`, `clip_grad_norm_(1.0)` and `torch.optim.AdamW(lr=1e-4, betas=(0.9,
+0.95), weight_decay=0.05)`, as its `train_c2i.py`. VAR-d16: `build_vae_var` as its `train.py`
+(drop path 0.1 x 16 / 24, label drop 0.1), the teacher-forcing input from the codes
+(`idxBl_to_var_input`: arjax's loss rebuilds it too), the per-token cross-entropy averaged with
+equal weights, `clip_grad_norm_(2.0)`, AdamW betas (0.9, 0.95), weight decay 0.05 (the VQ
+encoder that makes the codes is outside both steps: arjax trains on cached codes). Both:
+fused=False, foreach as torch chooses. The compute floor counts 6 FLOPs per matmul weight
+per token (forward + backward) plus attention.
 """
 
 from __future__ import annotations
@@ -23,14 +30,20 @@ import jax
 from benchmarks import harness
 from benchmarks.train_step_policies import random_batch
 
+MODELS = {"gpt_B": ("llamagen_imagenet", "imagenet256_B"),
+          "var_d16": ("var_imagenet", "imagenet256_d16")}
 
-def arjax_step(batch: int):
+
+def arjax_step(model: str, batch: int):
+    import importlib
+
     from arjax import sharding
     from arjax.experiment.pipeline import stage_program
     from arjax.plan import abstract_step
-    from experiments import llamagen_imagenet as exp
 
-    stage = exp.plan_stage(exp.PRESETS["imagenet256_B"])
+    module, preset = MODELS[model]
+    exp = importlib.import_module(f"experiments.{module}")
+    stage = exp.plan_stage(exp.PRESETS[preset])
     mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
     step, state_spec, batch_spec = abstract_step(stage, mesh, sharding.DEFAULT_RULES, batch)
     t0 = time.perf_counter()
@@ -47,7 +60,7 @@ def arjax_step(batch: int):
     return run, stage, compile_s, holder
 
 
-def official_step(repo: str, batch: int, cfg):
+def official_gpt(repo: str, batch: int, cfg):
     import torch
     import torch.nn.functional as F
 
@@ -57,17 +70,51 @@ def official_step(repo: str, batch: int, cfg):
     model = GPT_models["GPT-B"](vocab_size=cfg.vocab_size, block_size=cfg.seq_len,
                                 num_classes=cfg.num_classes, cls_token_num=1,
                                 model_type="c2i").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
 
-    def run():
+    def loss():
         logits, _ = model(idx=codes[:, :-1], cond_idx=labels, targets=None)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    return model, loss, 1.0, 0.05
+
+
+def official_var(repo: str, batch: int, cfg):
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, repo)
+    from models import build_vae_var
+
+    vae, model = build_vae_var(device="cpu", depth=cfg.depth, shared_aln=False,
+                               flash_if_available=False, fused_if_available=False)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, cfg.vocab_size, (batch, pn * pn), generator=gen)
+             for pn in cfg.patch_nums]
+    labels = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
+    targets = torch.cat(codes, 1)
+
+    def loss():
+        logits = model(labels, vae.quantize.idxBl_to_var_input(codes))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return model, loss, 2.0, 0.05
+
+
+def official_step(model: str, repo: str, batch: int, cfg):
+    import torch
+
+    module, loss, clip, weight_decay = {"gpt_B": official_gpt, "var_d16": official_var}[model](
+        repo, batch, cfg)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                            weight_decay=weight_decay)
+
+    def run():
+        value = loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()
     run()
     return run
@@ -75,28 +122,32 @@ def official_step(repo: str, batch: int, cfg):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--official", required=True, help="path to a LlamaGen checkout")
+    parser.add_argument("--official", required=True,
+                        help="path to a LlamaGen (gpt_B) or VAR (var_d16) checkout")
+    parser.add_argument("--model", default="gpt_B", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     harness.add_arguments(parser, rounds=5)
     args = parser.parse_args(argv)
     harness.apply(args)
-    ours, stage, compile_s, holder = arjax_step(args.batch)
+    ours, stage, compile_s, holder = arjax_step(args.model, args.batch)
     cfg = stage.model_cfg
     params = holder["state"].params
     machine = harness.calibrate(4 * harness.matmul_weights(params))
-    theirs = official_step(args.official, args.batch, cfg)
+    theirs = official_step(args.model, args.official, args.batch, cfg)
     repeat = lambda fn: (lambda: [fn() for _ in range(args.steps)])
     with harness.compete(args.compete):
         times = harness.interleave({"arjax": repeat(ours), "official": repeat(theirs)},
                                    args.rounds)
         busy = harness.load()
     tokens = args.batch * cfg.seq_len
-    flops = 3 * (2 * harness.matmul_weights(params) * tokens
+    per_token = harness.matmul_weights(params, skip=("embedding", "ada_lin"))  # VAR's AdaLN:
+    flops = 3 * (2 * per_token * tokens  # once per sample
                  + 4 * cfg.depth * cfg.dim * cfg.seq_len * tokens)
     floor_s, bound = harness.floor(0, flops, machine)
     per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
-    line = [f"GPT-B train step, batch {args.batch} x {cfg.seq_len}{harness.condition(args)}: "
+    line = [f"{args.model} train step, batch {args.batch} x {cfg.seq_len}"
+            f"{harness.condition(args)}: "
             f"floor {floor_s:.2f} s ({bound}-bound, {flops / 1e12:.2f} TFLOP)",
             *harness.columns(per_step, floor_s, f" (compile {compile_s:.0f} s)")]
     print(" | ".join(line) + f" | load {busy}", flush=True)

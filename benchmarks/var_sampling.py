@@ -13,8 +13,8 @@ VAE decoder is also timed alone on both sides. Floors: the transformer reads its
 KV cache once per scale and does 2 FLOPs per weight per token row; the decoder's FLOPs are
 XLA's count of the compiled decoder.
 
-Disclosed: arjax draws top-p among the top-k only (the official code sorts the whole
-vocabulary; the same law, less work).
+Disclosed: arjax finds the top-k / top-p cut-offs by a radix select over the vocabulary (the
+official code sorts it; the same law, less work).
 """
 
 from __future__ import annotations
