@@ -1,7 +1,8 @@
-"""Where arjax's GPT-B train step spends its time on this CPU: XLA's own per-op trace of the
-compiled step (the one `train_step_official` times), summed by kind of op.
+"""Where arjax's train step (GPT-B or VAR-d16) spends its time on this CPU: XLA's own per-op
+trace of the compiled step (the one `train_step_official` times), summed by kind of op.
 
-    python -m benchmarks.train_step_profile [--batch 4] [--steps 3] [--top 12]
+    python -m benchmarks.train_step_profile [--model gpt_B|var_d16] [--batch 4] [--steps 3]
+                                            [--top 12]
 
 Times `--steps` steps (median wall time, and the process's CPU time over them: how many cores
 the step keeps busy), then runs them under `jax.profiler.trace` (a Perfetto trace) and prints
@@ -57,15 +58,16 @@ def op_times(trace_dir: str) -> dict[str, float]:
 
 
 def main(argv=None) -> None:
-    from benchmarks.train_step_official import arjax_step
+    from benchmarks.train_step_official import MODELS, arjax_step
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt_B", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
-    run, _, compile_s, _ = arjax_step(args.batch)
+    run, stage, compile_s, _ = arjax_step(args.model, args.batch)
     cpu_before, wall_before = os.times(), time.perf_counter()
     wall = harness.median_s(run, args.steps)
     cpu_after, wall_total = os.times(), time.perf_counter() - wall_before
@@ -81,7 +83,8 @@ def main(argv=None) -> None:
     for name, t in per_step.items():
         kinds[kind_of(name)] += t
         counts[kind_of(name)] += 1
-    print(f"GPT-B train step, batch {args.batch} x 256, {os.cpu_count()} cores, "
+    print(f"{args.model} train step, batch {args.batch} x {stage.model_cfg.seq_len}, "
+          f"{os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, compile {compile_s:.0f} s: {wall:.2f} s per step "
           f"(median of {args.steps}); process CPU time {cpu / wall_total:.2f} cores busy; "
           f"{sum(per_step.values()):.2f} s of ops per step")
