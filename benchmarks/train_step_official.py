@@ -28,10 +28,9 @@ import time
 import jax
 
 from benchmarks import harness
-from benchmarks.train_step_policies import random_batch
+from benchmarks.train_step_policies import PRESETS, random_batch
 
-MODELS = {"gpt_B": ("llamagen_imagenet", "imagenet256_B"),
-          "var_d16": ("var_imagenet", "imagenet256_d16")}
+MODELS = {"gpt_B": PRESETS["gpt"], "var_d16": PRESETS["var"]}  # those with an official step
 
 
 def arjax_step(model: str, batch: int):
