@@ -164,7 +164,7 @@ class Diffusion:
 
         steps, init = jnp.arange(self.steps - 1, -1, -1), (x, jnp.zeros_like(x))
         if prepare is None:
-            (x, log_std_sum), (means, stds) = jax.lax.scan(step, init, (steps, steps))
+            (x, log_std_sum), (means, stds) = jax.lax.scan(step, init, (steps, None))
             return x, means[-1], stds[-1], log_std_sum
         if self.steps % chunk:
             raise ValueError(f"chunk={chunk} must divide the {self.steps} steps")
