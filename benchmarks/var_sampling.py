@@ -2,7 +2,7 @@
 PyTorch VAR, same weights, same process, against the floor.
 
     python -m benchmarks.var_sampling [--official /path/to/VAR] [--batches 1 8] [--depth 16]
-        [--rounds 3] [--compete] [--torch-threads N]
+        [--rounds 3] [--compete] [--torch-threads N] [--unfiltered]
 
 `--official` points at a checkout of FoundationVision/VAR (not part of arjax; needs
 `huggingface_hub`); its `autoregressive_infer_cfg` + `fhat_to_img` run the weights arjax drew
@@ -14,12 +14,14 @@ KV cache once per scale and does 2 FLOPs per weight per token row; the decoder's
 XLA's count of the compiled decoder.
 
 Disclosed: arjax finds the top-k / top-p cut-offs by a radix select over the vocabulary (the
-official code sorts it; the same law, less work).
+official code sorts it; the same law, less work). `--unfiltered` also times arjax's sampler
+with top-k and top-p off, interleaved with the rest: the difference is what the filter costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -58,14 +60,14 @@ def modules(depth: int):
     return (var_fn, random_params(var_fn, 0, 0.02)), (vae_fn, random_params(vae_fn, 1, 0.02))
 
 
-def arjax_runs(var, vae, batch: int):
+def arjax_runs(var, vae, batch: int, sample: var_sampling.VARSampleConfig = SAMPLE):
     """(sample run, decode run, compile seconds, decoder FLOPs)."""
     (var_fn, params), (vae_fn, vae_params) = var, vae
     graphdef = split(nnx.eval_shape(var_fn))[0]
     vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
     params, vae_params = jax.device_put((params, vae_params))
     fn = jax.jit(lambda p, vp, k, y: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, y,
-                                                         SAMPLE).images)
+                                                         sample).images)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, vae_params, jax.random.key(0), labels))
@@ -114,6 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--official", default=None, help="path to a VAR checkout")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--unfiltered", action="store_true",
+                        help="also time arjax without top-k / top-p (the filter's cost)")
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     harness.apply(args)
@@ -123,6 +127,9 @@ def main(argv=None) -> None:
     for batch in args.batches:
         sample_run, decode_run, compile_s, decode_flops = arjax_runs(var, vae, batch)
         runs = {"arjax": sample_run, "arjax decode": decode_run}
+        if args.unfiltered:
+            unfiltered = dataclasses.replace(SAMPLE, top_k=0, top_p=1.0)
+            runs["arjax unfiltered"] = arjax_runs(var, vae, batch, unfiltered)[0]
         if args.official:
             runs["official"], runs["official decode"] = official_runs(
                 args.official, args.depth, var, vae, batch)
@@ -137,6 +144,10 @@ def main(argv=None) -> None:
                 f" floor {floor_s:.2f} s (transformer {bound}-bound, decode "
                 f"{decode_floor:.2f} s compute)"]
         line += harness.columns(times, floor_s, f" (compile {compile_s:.1f} s)", decode_floor)
+        if args.unfiltered:
+            plain = times["arjax unfiltered"]
+            line.append(f"arjax unfiltered {harness.spread(plain)}, arjax / unfiltered "
+                        f"{harness.ratio(times['arjax'], plain)}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 
