@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 
 from benchmarks import harness
-from benchmarks.train_step_policies import PRESETS, random_batch
+from benchmarks.train_step_policies import PRESETS, compiled_step, initial_inputs
 
 MODELS = {"gpt_B": PRESETS["gpt"], "var_d16": PRESETS["var"]}  # those with an official step
 
@@ -36,20 +35,11 @@ MODELS = {"gpt_B": PRESETS["gpt"], "var_d16": PRESETS["var"]}  # those with an o
 def arjax_step(model: str, batch: int):
     import importlib
 
-    from arjax import sharding
-    from arjax.experiment.pipeline import stage_program
-    from arjax.plan import abstract_step
-
     module, preset = MODELS[model]
     exp = importlib.import_module(f"experiments.{module}")
     stage = exp.plan_stage(exp.PRESETS[preset])
-    mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
-    step, state_spec, batch_spec = abstract_step(stage, mesh, sharding.DEFAULT_RULES, batch)
-    t0 = time.perf_counter()
-    compiled = step.lower(state_spec, batch_spec).compile()
-    compile_s = time.perf_counter() - t0
-    state = jax.jit(stage_program(stage.module_fn, stage.loss_fn, stage.stage)[1])()
-    data = random_batch(stage.example, batch, stage.model_cfg.vocab_size)
+    compiled, compile_s = compiled_step(stage, batch)
+    state, data = initial_inputs(stage, batch)
     holder = {"state": state}
 
     def run():

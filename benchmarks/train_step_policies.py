@@ -44,30 +44,41 @@ def random_batch(example: dict, batch: int, vocab: int) -> dict:
     return out
 
 
+def compiled_step(stage, batch: int):
+    """(the stage's train step compiled for one device and `batch` rows, compile seconds)."""
+    from arjax import sharding
+    from arjax.plan import abstract_step
+
+    mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
+    step, state_spec, batch_spec = abstract_step(stage, mesh, sharding.DEFAULT_RULES, batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(state_spec, batch_spec).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def initial_inputs(stage, batch: int):
+    """(a freshly initialised train state, a random batch of `batch` rows) for the stage."""
+    from arjax.experiment.pipeline import stage_program
+
+    state = jax.jit(stage_program(stage.module_fn, stage.loss_fn, stage.stage)[1])()
+    vocab = getattr(stage.model_cfg, "vocab_size", 2)
+    return state, random_batch(stage.example, batch, vocab)
+
+
 def time_model(name: str, batch: int, rounds: int, steps: int) -> list[dict]:
     import importlib
 
     from arjax import config as cfglib
-    from arjax import sharding
-    from arjax.experiment.pipeline import stage_program
-    from arjax.plan import abstract_step
 
     module, preset = PRESETS[name]
     exp = importlib.import_module(f"experiments.{module}")
-    mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
     steps_by_policy, compile_s = {}, {}
     base = exp.PRESETS[preset]
     for dtype, remat in POLICIES:
         cfg = cfglib.override(base, [f"model.dtype={dtype}", f"model.remat={remat}"])
-        stage = exp.plan_stage(cfg)
-        step, state_spec, batch_spec = abstract_step(stage, mesh, sharding.DEFAULT_RULES, batch)
-        t0 = time.perf_counter()
-        steps_by_policy[(dtype, remat)] = step.lower(state_spec, batch_spec).compile()
-        compile_s[(dtype, remat)] = time.perf_counter() - t0
-    stage = exp.plan_stage(base)
-    state = jax.jit(stage_program(stage.module_fn, stage.loss_fn, stage.stage)[1])()
-    vocab = getattr(stage.model_cfg, "vocab_size", 2)
-    data = random_batch(stage.example, batch, vocab)
+        steps_by_policy[(dtype, remat)], compile_s[(dtype, remat)] = compiled_step(
+            exp.plan_stage(cfg), batch)
+    state, data = initial_inputs(exp.plan_stage(base), batch)
     times = {p: [] for p in POLICIES}
     for policy in POLICIES:  # warm-up: first call of each executable
         state, metrics = steps_by_policy[policy](state, data)

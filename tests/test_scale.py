@@ -146,8 +146,8 @@ def test_unknown_rule_set_is_a_config_error():
 def gpt_family(**policy):
     cfg = tiny_gpt_config(dim=64, heads=4, **policy)
     model = RasterAR(cfg, rngs=nnx.Rngs(0))
-    model.output.kernel[...] = 0.02 * jax.random.normal(jax.random.key(0),
-                                                        model.output.kernel.shape)
+    kernel = model.output.kernel
+    kernel[...] = 0.02 * jax.random.normal(jax.random.key(0), kernel.shape, kernel.dtype)
     rng = np.random.default_rng(0)
     batch = {"codes": jnp.asarray(rng.integers(0, 16, (8, 9))),
              "label": jnp.asarray(rng.integers(0, 4, 8))}
