@@ -11,7 +11,8 @@ transposes: `copy*` / `transpose*` / `bitcast*` fusions; matmuls: the YNNPACK fu
 XLA:CPU emits for them; the rest) and the `--top` ops. An op is traced on the one thread that
 runs it (XLA's client thread or an Eigen thread); the helpers a multi-threaded kernel (a
 YNNPACK matmul) wakes leave no event, so op seconds are not core-seconds: the CPU-time line
-says how busy the cores were.
+says how busy the cores were, and its system time and minor page faults per step how much
+memory each step touches afresh (the kernel zero-fills every new page).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import tempfile
 import time
 
@@ -69,9 +71,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     run, stage, compile_s, _ = arjax_step(args.model, args.batch)
     cpu_before, wall_before = os.times(), time.perf_counter()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall = harness.median_s(run, args.steps)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     cpu_after, wall_total = os.times(), time.perf_counter() - wall_before
     cpu = sum(cpu_after[i] - cpu_before[i] for i in (0, 1))
+    system, calls = cpu_after[1] - cpu_before[1], args.steps + 1  # median_s warms up once
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(args.steps):
@@ -86,7 +91,9 @@ def main(argv=None) -> None:
     print(f"{args.model} train step, batch {args.batch} x {stage.model_cfg.seq_len}, "
           f"{os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, compile {compile_s:.0f} s: {wall:.2f} s per step "
-          f"(median of {args.steps}); process CPU time {cpu / wall_total:.2f} cores busy; "
+          f"(median of {args.steps}); process CPU time {cpu / wall_total:.2f} cores busy "
+          f"(system {system / calls:.2f} s and {faults / calls:,.0f} minor page "
+          f"faults per step); "
           f"{sum(per_step.values()):.2f} s of ops per step")
     for kind, _ in KINDS:
         print(f"  {kind:<24} {kinds[kind]:6.2f} s  ({counts[kind]} ops)")
