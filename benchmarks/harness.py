@@ -198,12 +198,16 @@ def nbytes(params) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser, rounds: int = 3) -> None:
-    """The options every comparison takes: rounds, the competing process, torch's threads."""
+    """The options every comparison takes: rounds, the competing process, torch's threads and
+    compiler."""
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--compete", action="store_true",
                         help="keep one core busy with another process during the runs")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="intra-op threads of the official (torch) side; 0 = torch's default")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="torch.compile the official model (fullgraph, as LlamaGen's "
+                        "sample_c2i.py --compile; needs a C++ compiler), compiled in its warm-up")
 
 
 def apply(args: argparse.Namespace) -> None:
@@ -212,8 +216,18 @@ def apply(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.torch_threads)
 
 
+def official_module(module, args: argparse.Namespace, **options):
+    """The official model as the run asks for it: eager, or `torch.compile`d with `options`
+    (default: LlamaGen's sample_c2i.py --compile)."""
+    if not args.torch_compile:
+        return module
+    import torch
+    return torch.compile(module, **(options or dict(mode="reduce-overhead", fullgraph=True)))
+
+
 def condition(args: argparse.Namespace) -> str:
     """How the run was set up, for its printed line."""
     parts = (["one core busy"] if args.compete else []) + (
-        [f"torch {args.torch_threads} thread(s)"] if args.torch_threads else [])
+        [f"torch {args.torch_threads} thread(s)"] if args.torch_threads else []) + (
+        ["official torch.compile'd"] if args.torch_compile else [])
     return f" ({', '.join(parts)})" if parts else ""

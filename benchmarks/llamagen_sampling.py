@@ -58,7 +58,7 @@ def arjax_run(params, cfg: RasterARConfig, batch: int):
                                             sample_cfg)), compile_s
 
 
-def official_run(repo: str, params, cfg: RasterARConfig, batch: int):
+def official_run(repo: str, params, cfg: RasterARConfig, batch: int, args):
     import torch
 
     from arjax.convert import llamagen
@@ -75,12 +75,15 @@ def official_run(repo: str, params, cfg: RasterARConfig, batch: int):
     model.load_state_dict({**{k: torch.from_numpy(v.copy()) for k, v in state.items()},
                            **buffers}, strict=True)
     cond = torch.arange(batch) % 1000
+    model = harness.official_module(model, args)
 
     def run():
         with torch.inference_mode():
             return generate(model, cond, cfg.seq_len, cfg_scale=CFG_SCALE, temperature=1.0,
                             top_k=0, top_p=1.0, sample_logits=True)
-    run()  # warm-up
+    t0 = time.perf_counter()
+    run()  # warm-up (and torch.compile's compilation)
+    print(f"official warm-up {time.perf_counter() - t0:.1f} s", flush=True)
     return run
 
 
@@ -100,7 +103,7 @@ def main(argv=None) -> None:
         ours, compile_s = arjax_run(params, cfg, batch)
         runs = {"arjax": ours}
         if args.official:
-            runs["official"] = official_run(args.official, params, cfg, batch)
+            runs["official"] = official_run(args.official, params, cfg, batch, args)
         with harness.compete(args.compete):
             times = harness.interleave(runs, args.rounds)
             busy = harness.load()

@@ -49,7 +49,7 @@ def arjax_step(model: str, batch: int):
     return run, stage, compile_s, holder
 
 
-def official_gpt(repo: str, batch: int, cfg):
+def official_gpt(repo: str, batch: int, cfg, args):
     import torch
     import torch.nn.functional as F
 
@@ -62,14 +62,15 @@ def official_gpt(repo: str, batch: int, cfg):
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
+    forward = harness.official_module(model, args)
 
     def loss():
-        logits, _ = model(idx=codes[:, :-1], cond_idx=labels, targets=None)
+        logits, _ = forward(idx=codes[:, :-1], cond_idx=labels, targets=None)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
     return model, loss, 1.0, 0.05
 
 
-def official_var(repo: str, batch: int, cfg):
+def official_var(repo: str, batch: int, cfg, args):
     import torch
     import torch.nn.functional as F
 
@@ -84,18 +85,19 @@ def official_var(repo: str, batch: int, cfg):
              for pn in cfg.patch_nums]
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=gen)
     targets = torch.cat(codes, 1)
+    forward = harness.official_module(model, args, mode="reduce-overhead")  # train.py --tfast=1
 
     def loss():
-        logits = model(labels, vae.quantize.idxBl_to_var_input(codes))
+        logits = forward(labels, vae.quantize.idxBl_to_var_input(codes))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     return model, loss, 2.0, 0.05
 
 
-def official_step(model: str, repo: str, batch: int, cfg):
+def official_step(model: str, repo: str, batch: int, cfg, args):
     import torch
 
     module, loss, clip, weight_decay = {"gpt_B": official_gpt, "var_d16": official_var}[model](
-        repo, batch, cfg)
+        repo, batch, cfg, args)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95),
                             weight_decay=weight_decay)
 
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
     cfg = stage.model_cfg
     params = holder["state"].params
     machine = harness.calibrate(4 * harness.matmul_weights(params))
-    theirs = official_step(args.model, args.official, args.batch, cfg)
+    theirs = official_step(args.model, args.official, args.batch, cfg, args)
     repeat = lambda fn: (lambda: [fn() for _ in range(args.steps)])
     with harness.compete(args.compete):
         times = harness.interleave({"arjax": repeat(ours), "official": repeat(theirs)},

@@ -132,7 +132,27 @@ def test_logprob_stat_matches_teacher_forcing():
     assert int(stats_.target_passes) == 9
 
 
+def test_cache_runs_give_the_same_samples():
+    """The steps in runs with caches that end where each run does (the default) sample what
+    one loop over the whole cache samples, with a prefix and a stop too."""
+    graphdef, params = tiny_gpt()
+    labels = jnp.array([1, 3])
+    runs = lambda n, **kw: jax.jit(lambda p: sample(
+        graphdef, p, jax.random.key(2), labels, SampleConfig(cfg=2.0, segments=n), **kw))(params)
+    whole, whole_stats = runs(1)
+    for n in (2, 4, 9, 20):
+        tokens, stats_ = runs(n)
+        np.testing.assert_array_equal(tokens, whole)
+        np.testing.assert_allclose(stats_.logprob, whole_stats.logprob, rtol=1e-5)
+    prefix = whole[:, :3]
+    span = [runs(n, prefix=prefix, stop=7)[0] for n in (1, 3)]
+    np.testing.assert_array_equal(span[0], span[1])
+    np.testing.assert_array_equal(span[1][:, :3], prefix)
+    assert np.all(np.asarray(span[1][:, 7:]) == 0)
+
+
 @pytest.mark.parametrize("bad,match", [
+    (SampleConfig(segments=0), "segments"),
     (SampleConfig(temperature=-1.0), "temperature"),
     (SampleConfig(top_k=17), "top_k"),
     (SampleConfig(top_p=0.0), "top_p"),

@@ -23,6 +23,12 @@ def init_cache(batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> 
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def extend_cache(cache: KVCache, length: int) -> KVCache:
+    """The cache with room for `length` positions (zeros after the ones it holds)."""
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, length - a.shape[2]), (0, 0)))
+    return {name: pad(a) for name, a in cache.items()}
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
            scale: float | None = None, dropout: tuple[jax.Array, float] | None = None
            ) -> jax.Array:

@@ -31,9 +31,12 @@ class SampleConfig:
     cfg: float = 1.0  # guidance weight; 1 = no guidance (batch not doubled)
     cfg_schedule: str = "constant"  # "linear": the weight ramps 1 -> cfg over the sequence
     cfg_interval: int = -1  # LlamaGen: guidance off after this many tokens; -1 = never
+    segments: int = 4  # raster sampler: runs of steps, each compiled with a KV cache that ends
+    # where the run does (attention reads about the filled part; compile time grows with it)
 
     def validate(self, vocab_size: int) -> None:
         check(self.temperature >= 0, f"sample.temperature must be >= 0, got {self.temperature}")
+        check(self.segments >= 1, f"sample.segments must be >= 1, got {self.segments}")
         check(0 <= self.top_k <= vocab_size,
               f"sample.top_k={self.top_k} must be in [0, vocab_size={vocab_size}] (0 = off)")
         check(0 < self.top_p <= 1, f"sample.top_p must be in (0, 1], got {self.top_p}")

