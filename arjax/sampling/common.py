@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arjax.config import check
 
@@ -45,6 +46,13 @@ class SampleConfig:
     @property
     def uses_cfg(self) -> bool:
         return self.cfg != 1.0
+
+
+def step_runs(start: int, stop: int, count: int) -> list[tuple[int, int]]:
+    """Steps start..stop-1 as up to `count` runs (begin, end) of about equal length: the loops
+    a sampler compiles with shapes of their own."""
+    edges = np.unique(np.linspace(start, stop, count + 1).round().astype(int))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
 def check_guidance(cfg: float, schedule: str) -> None:

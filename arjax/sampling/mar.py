@@ -29,7 +29,7 @@ import numpy as np
 from arjax.config import check
 from arjax.models import bind
 from arjax.models.mar import diffusion, random_ranks
-from arjax.sampling.common import cfg_combine, check_guidance
+from arjax.sampling.common import cfg_combine, check_guidance, step_runs
 from arjax.sampling.generator import Samples
 
 
@@ -122,10 +122,9 @@ def segments(m: np.ndarray, first: np.ndarray, count: int) -> list[tuple[int, in
     = the most tokens known at a step start, width = the most tokens a step predicts): each
     run compiles with its own shapes, so the encoder sees about as many tokens as the official
     one (which drops the unknown ones) and the diffusion chains about as many rows."""
-    count = min(count, len(first))
-    length, bounds = m[0], np.unique(np.linspace(0, len(first), count + 1).round().astype(int))
-    return [(int(a), int(b), max(1, int(length - m[b - 1])), int(np.max(m[a:b] - first[a:b])))
-            for a, b in zip(bounds, bounds[1:])]
+    length = m[0]
+    return [(a, b, max(1, int(length - m[b - 1])), int(np.max(m[a:b] - first[a:b])))
+            for a, b in step_runs(0, len(first), count)]
 
 
 def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,
