@@ -228,7 +228,9 @@ def cli(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from arjax import compilation_cache
     from arjax.distributed import initialize
 
     initialize()  # joins a multi-process run first (no-op for one process)
+    compilation_cache.enable()
     cli(sys.argv[1:])

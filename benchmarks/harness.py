@@ -9,6 +9,7 @@
 - `interleave`: the compared implementations take turns (the order alternates each round), so
   drift and co-running load hit both; `spread` prints median and min-max.
 - `compete`: a busy process on one core for the run, the "shared machine" condition.
+- `compiled`: ahead-of-time compilation, timed alone (a first call's time adds one run).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def median_s(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def compiled(fn: Callable, *args) -> tuple[Callable, float]:
+    """(`fn` jitted and compiled for arguments shaped as `args`, the seconds tracing, lowering
+    and compiling took): the "compile s" of every table. Call the result with such arguments."""
+    t0 = time.perf_counter()
+    executable = jax.jit(fn).lower(*args).compile()
+    return executable, time.perf_counter() - t0
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:

@@ -17,6 +17,12 @@ sequences, and writes `spec_decode.png` (quality and wall-clock vs step compress
 
 times one cached target call by window length for an ImageNet-size GPT (random weights): what
 decides whether step compression turns into wall-clock.
+
+    python -m benchmarks.spec_decode --cache-runs B [--batches 1 8] [--repeats 3]
+
+times SJD (K = 8, CFG 2) on GPT-B with random weights, its target's KV cache in one piece
+(`sample.segments=1`) against the default runs (caches that grow with the rows), interleaved,
+after checking that both sample the same tokens in the same rounds.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ from arjax.images import to_float
 from arjax.metrics.digits import DigitsEvaluator
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, gpt_config
-from arjax.sampling import multidraft
-from arjax.sampling.common import guided_logits
+from arjax.sampling import multidraft, speculative
+from arjax.sampling.common import SampleConfig, guided_logits
 from arjax.sampling.speculative import SpeculativeConfig, token_probs
 from arjax.tokenizers.vq import VQTokenizer
+from benchmarks import harness
 from experiments import llamagen_imagenet as exp
 
 S = SpeculativeConfig
@@ -136,6 +143,36 @@ def window_cost(gpt, lengths=(1, 2, 4, 8, 16), steps: int = 64) -> dict[int, flo
     return out
 
 
+def cache_runs(gpt, batches, rounds: int, draft_len: int = 8) -> None:
+    """SJD with one whole-length cache against the default cache runs (see the docstring)."""
+    graphdef, params = gpt
+    runs = {"one cache": 1, f"{SampleConfig().segments} runs": SampleConfig().segments}
+    spec = S(drafter="jacobi", draft_len=draft_len)
+    print(f"SJD K={draft_len}, CFG 2, GPT with random weights; load {harness.load()}")
+    print("| batch | target passes | " + " | ".join(f"{n} s" for n in runs)
+          + " | one cache / runs | compile s |")
+    for batch in batches:
+        labels = jnp.arange(batch, dtype=jnp.int32) % 1000
+        fns, outs, compile_s = {}, {}, []
+        for name, segments in runs.items():
+            scfg = SampleConfig(cfg=2.0, segments=segments)
+            args = (params, jax.random.key(batch), labels)
+            fn, seconds = harness.compiled(
+                lambda p, k, y, scfg=scfg: speculative.sample(graphdef, p, k, y, scfg, spec),
+                *args)
+            compile_s.append(f"{seconds:.0f}")
+            outs[name] = jax.block_until_ready(fn(*args))
+            fns[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+        (a, a_stats), (b, b_stats) = outs.values()
+        if not (np.array_equal(a, b) and int(a_stats.target_passes) == int(b_stats.target_passes)):
+            raise SystemExit("error: the cache runs sampled other tokens than one cache")
+        times = harness.interleave(fns, rounds)
+        first, second = times.values()
+        print(f"| {batch} | {int(a_stats.target_passes)} | "
+              + " | ".join(harness.spread(t) for t in times.values())
+              + f" | {harness.ratio(first, second)} | {' / '.join(compile_s)} |", flush=True)
+
+
 def plot(rows, path: str) -> None:
     import matplotlib
 
@@ -171,7 +208,15 @@ def main(argv=None) -> None:
     parser.add_argument("--window-cost", metavar="SIZE",
                         help="only time target calls by window length for GPT-SIZE (B, L, ...; "
                              "random weights, 256 tokens) and exit")
+    parser.add_argument("--cache-runs", metavar="SIZE",
+                        help="only time SJD on GPT-SIZE with one KV cache against the default "
+                             "cache runs (random weights) and exit")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args(argv)
+    if args.cache_runs:
+        gpt = split(RasterAR(gpt_config(args.cache_runs), rngs=nnx.Rngs(0)))
+        cache_runs(gpt, args.batches, args.repeats)
+        return
     if args.window_cost:
         gpt_cfg = gpt_config(args.window_cost)
         gpt = split(RasterAR(gpt_cfg, rngs=nnx.Rngs(0)))

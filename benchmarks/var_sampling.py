@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -66,14 +65,13 @@ def arjax_sample_run(var, vae, batch: int, sample: var_sampling.VARSampleConfig 
     graphdef = split(nnx.eval_shape(var_fn))[0]
     vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
     params, vae_params = jax.device_put((params, vae_params))
-    fn = jax.jit(lambda p, vp, k, y: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, y,
-                                                         sample).images)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(params, vae_params, jax.random.key(0), labels))
-    compile_s = time.perf_counter() - t0
-    return (lambda: jax.block_until_ready(fn(params, vae_params, jax.random.key(1), labels)),
-            compile_s)
+    fn, compile_s = harness.compiled(
+        lambda p, vp, k: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
+                                             sample).images,
+        params, vae_params, jax.random.key(0))
+    jax.block_until_ready(fn(params, vae_params, jax.random.key(0)))
+    return lambda: jax.block_until_ready(fn(params, vae_params, jax.random.key(1))), compile_s
 
 
 def arjax_decode_run(vae, batch: int):

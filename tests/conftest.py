@@ -11,6 +11,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The digits evaluator is trained once (deterministically) and cached here for all tests.
 os.environ.setdefault("ARJAX_CACHE", os.path.join(tempfile.gettempdir(), "arjax-test-cache"))
+# The entry points' persistent compilation cache stays off: tests are not to share executables.
+os.environ["ARJAX_COMPILATION_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

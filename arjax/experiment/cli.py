@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from arjax import compilation_cache, distributed
 from arjax import config as cfglib
-from arjax import distributed
 from arjax.errors import UserError
 from arjax.experiment.outputs import report
 
@@ -76,10 +76,11 @@ def exit_on_user_error(main: Callable[[], object]) -> object:
 def cli(presets, run, argv: Sequence[str], doc: str, name: str) -> None:
     """`python -m experiments.<name> ...`: parses, runs `run(cfg, workdir, tag=...)` and prints
     the summary. `distributed.initialize(--distributed)` runs first, before any device is
-    touched."""
+    touched, and the persistent compilation cache is on (`arjax.compilation_cache`)."""
     def main():
         cfg, args = cfglib.from_argv(presets, argv, doc)
         distributed.initialize(args.distributed)
+        compilation_cache.enable()
         workdir = args.workdir or f"runs/{name}_{args.config}"
         summary = run(cfg, workdir, tag=args.tag)
         if not distributed.is_main():

@@ -32,8 +32,9 @@ class SampleConfig:
     cfg: float = 1.0  # guidance weight; 1 = no guidance (batch not doubled)
     cfg_schedule: str = "constant"  # "linear": the weight ramps 1 -> cfg over the sequence
     cfg_interval: int = -1  # LlamaGen: guidance off after this many tokens; -1 = never
-    segments: int = 4  # raster sampler: runs of steps, each compiled with a KV cache that ends
-    # where the run does (attention reads about the filled part; compile time grows with it)
+    segments: int = 4  # raster and speculative samplers: runs of steps, each compiled with a
+    # KV cache that ends where the run does (attention reads about the filled part; compile
+    # time grows with it)
 
     def validate(self, vocab_size: int) -> None:
         check(self.temperature >= 0, f"sample.temperature must be >= 0, got {self.temperature}")

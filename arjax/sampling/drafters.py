@@ -1,9 +1,11 @@
 """Draft sources for speculative sampling: a small draft GPT, or the target's own Jacobi samples.
 
-A drafter has `init(batch, key) -> state`, `propose(state, prev, n, key) -> (state, drafts
-[B, k, K], q [B, k, K, V], draft model calls made)` and `update(state, ...) -> state` (called
-after each round's commit). `q` is the exact law each draft was drawn from (the lossless rules
-need it).
+A drafter has `init(batch, key, length) -> state` (room for positions < `length`),
+`propose(state, prev, n, key) -> (state, drafts
+[B, k, K], q [B, k, K, V], draft model calls made)`, `update(state, ...) -> state` (called
+after each round's commit) and `extend(state, length) -> state` (room for positions up to
+`length`: the sampler grows its caches run by run). `q` is the exact law each draft was drawn
+from (the lossless rules need it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from arjax.nn.attention import extend_cache
 
 JACOBI_INITS = ("uniform", "onehot", "left", "up")
 
@@ -40,9 +44,11 @@ class ModelDrafter:
     draft_len: int
     chains: int
 
-    def init(self, batch: int, key):
-        return self.model.init_cache(self.labels.shape[0], self.model.cfg.seq_len
-                                     + self.draft_len + 1)
+    def init(self, batch: int, key, length: int):
+        return self.model.init_cache(self.labels.shape[0], length)
+
+    def extend(self, cache, length: int):
+        return [extend_cache(c, length) for c in cache]
 
     def propose(self, cache, prev, n, key):
         batch, k, K = prev.shape[0], self.chains, self.draft_len
@@ -92,12 +98,15 @@ class JacobiDrafter:
     draft_len: int
     init_kind: str = "uniform"
 
-    def init(self, batch: int, key):
-        """All slots fresh, for positions 0..K-1."""
+    def init(self, batch: int, key, length: int = 0):
+        """All slots fresh, for positions 0..K-1 (no cache: `length` is unused)."""
         K = self.draft_len
         zeros = jnp.zeros((batch, K), jnp.int32)
         return self.fill(zeros, zeros[:, 0], zeros, jnp.zeros((batch, K, self.vocab)),
                          zeros.astype(bool), key)
+
+    def extend(self, state, length: int):
+        return state
 
     def propose(self, state, prev, n, key):
         return state, state[0][:, None], state[1][:, None], jnp.zeros((), jnp.int32)

@@ -13,8 +13,10 @@ drafter refreshes. The methods of the literature are combinations:
     LANTERN  model     relaxed   1            no, TV <= delta per step (Jang et al. 2025)
 
 Static shapes throughout: a fixed window, per-row positions in the KV caches (a rejection
-only lowers the row's length; stale entries are masked, then overwritten), one
-`lax.while_loop`, no host round-trips. Rows advance by their own accepted lengths (no batch
+only lowers the row's length; stale entries are masked, then overwritten), `lax.while_loop`s
+over the caches in `sample.segments` runs as the raster sampler's (a run ends when the leading
+row's window would pass its cache; the attention reads about the filled part), no host
+round-trips. Rows advance by their own accepted lengths (no batch
 minimum, which makes the official SJD inexact for batch > 1). CFG doubles the batch to
 [cond; null]; both halves score the same drafts and p, q are the guided, filtered
 (temperature/top-k/top-p) distributions the plain sampler draws from.
@@ -23,6 +25,7 @@ minimum, which makes the official SJD inexact for batch > 1). CFG doubles the ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -30,9 +33,10 @@ import jax.numpy as jnp
 
 from arjax.config import check
 from arjax.models import bind
+from arjax.nn.attention import extend_cache
 from arjax.sampling import multidraft
 from arjax.sampling.acceptance import Exact, Grouped, Relaxed, nearest_codes
-from arjax.sampling.common import SampleConfig, filter_logits, guided_logits
+from arjax.sampling.common import SampleConfig, filter_logits, guided_logits, step_runs
 from arjax.sampling.drafters import JACOBI_INITS, JacobiDrafter, ModelDrafter, select_chain
 from arjax.sampling.generator import Samples
 
@@ -161,6 +165,13 @@ def verify_chains(ps, qs, drafts, key):
     return m, jnp.where(alive, bonus, y), chain
 
 
+def _another_round(state, length: int, last: int) -> jax.Array:
+    """Some row is unfinished and every unfinished row's window fits the run's cache (its
+    committed length n <= last)."""
+    unfinished = state[1] < length
+    return jnp.any(unfinished) & jnp.all(~unfinished | (state[1] <= last))
+
+
 def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConfig,
            cfg: SpeculativeConfig, draft=None, codes: jax.Array | None = None,
            neighbours: jax.Array | None = None) -> tuple[jax.Array, SpeculativeStats]:
@@ -236,12 +247,21 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, scfg: SampleConf
         return (tokens, n, t_cache, d_state, r + 1, d_calls + calls,
                 accepted + jnp.where(active, m, 0), rounds + active, first + (active & (m > 0)))
 
+    # Cache runs: run j's rounds use caches of `room` = end_j + K + 1 positions, as long as
+    # every unfinished row's window fits. The rounds, keys and states are those of one loop
+    # over the whole cache; only the attention reads less.
+    rooms = [end + K + 1 for _, end in step_runs(0, length, scfg.segments)]
     zeros = jnp.zeros((batch,), jnp.int32)
     scalar = jnp.zeros((), jnp.int32)
-    init = (jnp.zeros((batch, width), jnp.int32), zeros, target.init_cache(rows, width),
-            drafter.init(batch, key_init), scalar, scalar, zeros, zeros, zeros)
-    tokens, _, _, _, r, d_calls, accepted, rounds, first = jax.lax.while_loop(
-        lambda s: jnp.any(s[1] < length), round_, init)
+    state = (jnp.zeros((batch, width), jnp.int32), zeros, target.init_cache(rows, rooms[0]),
+             drafter.init(batch, key_init, rooms[0]), scalar, scalar, zeros, zeros, zeros)
+    for room in rooms:
+        tokens, n, t_cache, d_state, *counts = state
+        state = (tokens, n, [extend_cache(c, room) for c in t_cache],
+                 drafter.extend(d_state, room), *counts)
+        state = jax.lax.while_loop(
+            functools.partial(_another_round, length=length, last=room - K - 1), round_, state)
+    tokens, _, _, _, r, d_calls, accepted, rounds, first = state
     return tokens[:, :length], SpeculativeStats(
         target_passes=r, draft_passes=d_calls, accepted=accepted, rounds=rounds,
         first_accepted=first)
