@@ -2,8 +2,8 @@
 
     python -m benchmarks.spec_decode --workdir runs/demo_llamagen [--quick]
 
-Uses the digits preset's checkpoints in `--workdir` (tokenizer, GPT and draft GPT; trains
-whatever is missing, resumably: `make demo` then `--set speculative.draft_len=4` once). For
+Uses the digits preset's checkpoints in `--workdir` (tokenizer, GPT and draft GPT: the
+experiment's own `build`, which trains whatever is missing, resumably). For
 plain sampling and each (method, knob) it prints: mean accepted drafts per round, step
 compression (64 tokens / target calls, per row and for the batch), wall-clock per image at
 batch 1 and per 80-image batch (compilation excluded, median of repeats) and the speed-up over
@@ -40,15 +40,12 @@ from flax import nnx
 from arjax import sharding
 from arjax.data.sources import open_source
 from arjax.evaluate import evaluate_digits
-from arjax.experiment.pipeline import extract_codes, fingerprint, train_stage
-from arjax.images import to_float
 from arjax.metrics.digits import DigitsEvaluator
 from arjax.models import bind, split
 from arjax.models.raster_ar import RasterAR, gpt_config
 from arjax.sampling import multidraft, speculative
 from arjax.sampling.common import SampleConfig, guided_logits
 from arjax.sampling.speculative import SpeculativeConfig, token_probs
-from arjax.tokenizers.vq import VQTokenizer
 from benchmarks import harness
 from experiments import llamagen_imagenet as exp
 
@@ -73,22 +70,12 @@ def sweep(quick: bool) -> list[tuple[str, str, SpeculativeConfig | None]]:
     return runs
 
 
-def load(cfg, workdir: str, mesh):
-    """(graphdef, params), (vq graphdef, params), draft (graphdef, params): resumed stages."""
-    train = open_source(cfg.data, "train")
-    vq_fn = lambda: VQTokenizer(cfg.tokenizer, rngs=nnx.Rngs(cfg.seed))
-    vq = train_stage("tokenizer", vq_fn, exp.tokenizer_loss, cfg.tokenizer_train, train,
-                     cfg.seed, mesh, workdir)[:2]
-    encode = jax.jit(lambda p, x: bind(vq[0], p).encode(to_float(x)))
-    codes = extract_codes(lambda images: encode(vq[1], images), train, cfg.encode_batch,
-                          f"{workdir}/codes_train.npz",
-                          fingerprint(vq[1], tokenizer=cfg.tokenizer, data=cfg.data,
-                                      split="train"))
-    stage = lambda name, model_cfg, seed, st: train_stage(
-        name, lambda: RasterAR(model_cfg, rngs=nnx.Rngs(cfg.seed + seed)), exp.gpt_loss, st,
-        codes, cfg.seed, mesh, workdir)[:2]
-    return (stage("gpt", cfg.model, 1, cfg.gpt_train), vq,
-            stage("draft", cfg.draft_model, 2, cfg.draft_train), train.images)
+def load(cfg, workdir: str):
+    """(graphdef, params), (vq graphdef, params), draft (graphdef, params), training images:
+    the experiment's own stages with a draft GPT, trained or resumed in `workdir`."""
+    built = exp.build(with_spec(cfg, S(draft_len=4)), workdir)
+    return built["model"], built["tokenizer"], built["draft"], open_source(cfg.data,
+                                                                          "train").images
 
 
 def with_spec(cfg, spec):
@@ -226,7 +213,7 @@ def main(argv=None) -> None:
         return
     cfg = exp.DIGITS
     mesh = sharding.make_mesh(cfg.mesh)
-    gpt, vq, draft, train_images = load(cfg, args.workdir, mesh)
+    gpt, vq, draft, train_images = load(cfg, args.workdir)
     evaluator = DigitsEvaluator.load()
     eval_labels = np.repeat(np.arange(10, dtype=np.int32), 40)
     batch_labels = np.repeat(np.arange(10, dtype=np.int32), 8)

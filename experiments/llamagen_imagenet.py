@@ -255,7 +255,7 @@ def build(cfg: Config, workdir: str | None, progress: bool = True) -> dict:
         summary["gpt/test_loss"] = eval_loss(graphdef, params, codes("test"), 256)
     return dict(generate=generate, params=params, summary=summary, score=score,
                 step=cfg.gpt_train.steps, model=(graphdef, params),
-                tokenizer=(vq_graphdef, vq_params))
+                tokenizer=(vq_graphdef, vq_params), draft=draft)
 
 
 def run(cfg: Config, workdir: str | None, progress: bool = True, tag: str | None = None

@@ -101,20 +101,19 @@ def test_greedy_speculative_equals_greedy_ar(spec):
     np.testing.assert_array_equal(spec_tokens, ar)
 
 
-@pytest.mark.parametrize("spec", [dict(), dict(num_drafts=2), dict(drafter="jacobi")])
+@pytest.mark.parametrize("spec", [dict(num_drafts=2), dict(drafter="jacobi")])
 def test_cache_runs_give_the_same_samples(spec):
-    """Rounds over caches in runs (the default) are the rounds of one loop over the whole
-    cache: same tokens and the same counts, with rows at different positions (batch 6)."""
+    """Rounds over caches in runs (the default 4) are the rounds of one loop over the whole
+    cache: same tokens and the same counts, with rows at different positions (batch 6); the
+    draft model's cache grows in the same runs."""
     target, draft = tiny_gpt(seed=0), tiny_gpt(seed=3, dim=16, heads=1)
     labels = jnp.array([0, 1, 2, 3, 1, 0])
     runs = lambda n: spec_jit(*target, jax.random.key(5), labels, SampleConfig(cfg=2.0, segments=n),
                               SpeculativeConfig(draft_len=2, **spec), draft=draft)
-    whole, whole_stats = runs(1)
-    for n in (3, 9):
-        tokens, st = runs(n)
-        np.testing.assert_array_equal(tokens, whole)
-        for a, b in zip(st, whole_stats):
-            np.testing.assert_array_equal(a, b)
+    (whole, whole_stats), (tokens, st) = runs(1), runs(4)
+    np.testing.assert_array_equal(tokens, whole)
+    for a, b in zip(st, whole_stats):
+        np.testing.assert_array_equal(a, b)
     assert len(set(np.asarray(whole_stats.rounds).tolist())) > 1  # rows did drift apart
 
 
