@@ -55,15 +55,18 @@ def chi_square_pvalue(counts, probs) -> float:
     return stats.chisquare(counts, expected).pvalue
 
 
+# sd and sjd-uniform sample with the default cache runs; the others with one cache (a loop
+# to compile, not four), which test_cache_runs_give_the_same_samples shows samples the same.
 LOSSLESS = [
     ("sd", dict(), SampleConfig()),
     ("sd-cfg-linear-topk", dict(), SampleConfig(cfg=3.0, cfg_schedule="linear",
-                                                temperature=0.8, top_k=2)),
-    ("spectr", dict(num_drafts=3), SampleConfig(cfg=2.5)),
+                                                temperature=0.8, top_k=2, segments=1)),
+    ("spectr", dict(num_drafts=3), SampleConfig(cfg=2.5, segments=1)),
     ("sjd-uniform", dict(drafter="jacobi"), SampleConfig(cfg=2.5)),
-    ("sjd-onehot-topk", dict(drafter="jacobi", init="onehot"), SampleConfig(top_k=2)),
-    ("sjd-up", dict(drafter="jacobi", init="up"), SampleConfig(cfg=2.5)),
-    ("sjd-left", dict(drafter="jacobi", init="left", draft_len=5), SampleConfig()),
+    ("sjd-onehot-topk", dict(drafter="jacobi", init="onehot"),
+     SampleConfig(top_k=2, segments=1)),
+    ("sjd-up", dict(drafter="jacobi", init="up"), SampleConfig(cfg=2.5, segments=1)),
+    ("sjd-left", dict(drafter="jacobi", init="left", draft_len=5), SampleConfig(segments=1)),
 ]
 
 
