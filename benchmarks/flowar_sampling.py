@@ -62,12 +62,10 @@ def arjax_sample_run(model, vae, sample_cfg, batch: int):
     """(sampling run, compile seconds)."""
     (graphdef, params), (vae_graphdef, vae_params) = model, vae
     labels = jnp.arange(batch, dtype=jnp.int32) * 97 % 1000
-    fn, compile_s = harness.compiled(
+    return harness.compiled_sampler(
         lambda p, vp, k: flowar_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
                                                 sample_cfg, KL_16.scale).images,
-        params, vae_params, jax.random.key(0))
-    jax.block_until_ready(fn(params, vae_params, jax.random.key(0)))
-    return lambda: jax.block_until_ready(fn(params, vae_params, jax.random.key(1))), compile_s
+        params, vae_params)
 
 
 def arjax_decode_run(vae, batch: int):

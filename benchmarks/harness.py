@@ -61,6 +61,14 @@ def compiled(fn: Callable, *args) -> tuple[Callable, float]:
     return executable, time.perf_counter() - t0
 
 
+def compiled_sampler(fn: Callable, *args) -> tuple[Callable[[], object], float]:
+    """`fn(*args, key)` compiled (`compiled`) and called once with key 0 (the warm-up) ->
+    (a timed run: the call with key 1, compile seconds)."""
+    executable, compile_s = compiled(fn, *args, jax.random.key(0))
+    jax.block_until_ready(executable(*args, jax.random.key(0)))
+    return lambda: jax.block_until_ready(executable(*args, jax.random.key(1))), compile_s
+
+
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of a jitted float32 n x n matmul on the default device."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)

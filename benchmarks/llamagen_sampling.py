@@ -50,10 +50,8 @@ def arjax_run(params, cfg: RasterARConfig, batch: int):
     sample_cfg = SampleConfig(cfg=CFG_SCALE)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     params = jax.device_put(params)
-    fn, compile_s = harness.compiled(
-        lambda p, k: sample(graphdef, p, k, labels, sample_cfg), params, jax.random.key(0))
-    jax.block_until_ready(fn(params, jax.random.key(0)))
-    return lambda: jax.block_until_ready(fn(params, jax.random.key(1))), compile_s
+    return harness.compiled_sampler(lambda p, k: sample(graphdef, p, k, labels, sample_cfg),
+                                    params)
 
 
 def official_run(repo: str, params, cfg: RasterARConfig, batch: int, args):

@@ -66,12 +66,9 @@ def arjax_sample_run(var, vae, batch: int, sample: var_sampling.VARSampleConfig 
     vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
     params, vae_params = jax.device_put((params, vae_params))
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
-    fn, compile_s = harness.compiled(
+    return harness.compiled_sampler(
         lambda p, vp, k: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
-                                             sample).images,
-        params, vae_params, jax.random.key(0))
-    jax.block_until_ready(fn(params, vae_params, jax.random.key(0)))
-    return lambda: jax.block_until_ready(fn(params, vae_params, jax.random.key(1))), compile_s
+                                             sample).images, params, vae_params)
 
 
 def arjax_decode_run(vae, batch: int):

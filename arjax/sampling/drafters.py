@@ -1,11 +1,10 @@
 """Draft sources for speculative sampling: a small draft GPT, or the target's own Jacobi samples.
 
 A drafter has `init(batch, key, length) -> state` (room for positions < `length`),
-`propose(state, prev, n, key) -> (state, drafts
-[B, k, K], q [B, k, K, V], draft model calls made)`, `update(state, ...) -> state` (called
-after each round's commit) and `extend(state, length) -> state` (room for positions up to
-`length`: the sampler grows its caches run by run). `q` is the exact law each draft was drawn
-from (the lossless rules need it).
+`propose(state, prev, n, key) -> (state, drafts [B, k, K], q [B, k, K, V], draft model calls
+made)`, `update(state, ...) -> state` (called after each round's commit) and `extend(state,
+length) -> state` (room for positions < `length`: the sampler grows its caches run by run).
+`q` is the exact law each draft was drawn from (the lossless rules need it).
 """
 
 from __future__ import annotations
