@@ -6,8 +6,7 @@ on them).
     python -m benchmarks.compile_cache [--models gpt_B var_d16] [--batch 8]
 
 GPT-B: the raster sampler (CFG 2, 256 tokens, 4 cache runs); VAR-d16: the 10-scale sampler
-with its VQ-VAE decoder (CFG, top-k 900, top-p 0.96). Each process also runs the sampler once
-after compiling (the benchmarks' warm-up), which is not part of the figure.
+with its VQ-VAE decoder (CFG, top-k 900, top-p 0.96). The processes only compile.
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ def compile_seconds(model: str, batch: int) -> float:
     if model == "gpt_B":
         cfg = gpt_config("B")
         params = random_params(lambda: RasterAR(cfg, rngs=nnx.Rngs(0)), 0, 0.02)
-        return llamagen_sampling.arjax_run(params, cfg, batch)[1]
-    return var_sampling.arjax_sample_run(*var_sampling.modules(16), batch)[1]
+        return llamagen_sampling.arjax_run(params, cfg, batch, warm_up=False)[1]
+    return var_sampling.arjax_sample_run(*var_sampling.modules(16), batch,
+                                          warm_up=False)[1]
 
 
 def main(argv=None) -> None:

@@ -61,11 +61,13 @@ def compiled(fn: Callable, *args) -> tuple[Callable, float]:
     return executable, time.perf_counter() - t0
 
 
-def compiled_sampler(fn: Callable, *args) -> tuple[Callable[[], object], float]:
-    """`fn(*args, key)` compiled (`compiled`) and called once with key 0 (the warm-up) ->
+def compiled_sampler(fn: Callable, *args, warm_up: bool = True
+                     ) -> tuple[Callable[[], object], float]:
+    """`fn(*args, key)` compiled (`compiled`) and, with `warm_up`, called once with key 0 ->
     (a timed run: the call with key 1, compile seconds)."""
     executable, compile_s = compiled(fn, *args, jax.random.key(0))
-    jax.block_until_ready(executable(*args, jax.random.key(0)))
+    if warm_up:
+        jax.block_until_ready(executable(*args, jax.random.key(0)))
     return lambda: jax.block_until_ready(executable(*args, jax.random.key(1))), compile_s
 
 

@@ -45,13 +45,13 @@ def workload(cfg: RasterARConfig, params, batch: int) -> tuple[float, float]:
     return bytes_read, flops
 
 
-def arjax_run(params, cfg: RasterARConfig, batch: int):
+def arjax_run(params, cfg: RasterARConfig, batch: int, warm_up: bool = True):
     graphdef = split(nnx.eval_shape(lambda: RasterAR(cfg, rngs=nnx.Rngs(0))))[0]
     sample_cfg = SampleConfig(cfg=CFG_SCALE)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     params = jax.device_put(params)
     return harness.compiled_sampler(lambda p, k: sample(graphdef, p, k, labels, sample_cfg),
-                                    params)
+                                    params, warm_up=warm_up)
 
 
 def official_run(repo: str, params, cfg: RasterARConfig, batch: int, args):

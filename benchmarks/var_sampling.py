@@ -59,7 +59,8 @@ def modules(depth: int):
     return (var_fn, random_params(var_fn, 0, 0.02)), (vae_fn, random_params(vae_fn, 1, 0.02))
 
 
-def arjax_sample_run(var, vae, batch: int, sample: var_sampling.VARSampleConfig = SAMPLE):
+def arjax_sample_run(var, vae, batch: int, sample: var_sampling.VARSampleConfig = SAMPLE,
+                     warm_up: bool = True):
     """(sample run, compile seconds)."""
     (var_fn, params), (vae_fn, vae_params) = var, vae
     graphdef = split(nnx.eval_shape(var_fn))[0]
@@ -68,7 +69,8 @@ def arjax_sample_run(var, vae, batch: int, sample: var_sampling.VARSampleConfig 
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     return harness.compiled_sampler(
         lambda p, vp, k: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
-                                             sample).images, params, vae_params)
+                                             sample).images, params, vae_params,
+        warm_up=warm_up)
 
 
 def arjax_decode_run(vae, batch: int):

@@ -34,21 +34,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
            ) -> jax.Array:
     """q [B,T,H,d], k/v [B,K,S,d], mask [T,S] or [B,T,S] (True = visible; None = all)
     -> [B,T,H,d]. `scale` defaults to d^-0.5; `dropout` = (key, rate) drops attention
-    probabilities (training, as torch's SDPA dropout_p)."""
+    probabilities (training, as torch's SDPA dropout_p).
+
+    The queries are scaled, moved heads-major and each group's queries stacked as rows, so
+    both matmuls are plain [B*K]-batched ones: XLA:CPU ran the 5-D einsum over (b, t, k, g)
+    at half that speed (`benchmarks.attention_rates`)."""
     b, t, h, d = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32)
-    logits = logits * (d**-0.5 if scale is None else scale)
-    if mask is not None:
-        mask = mask[None, None, None] if mask.ndim == 2 else mask[:, None, None]
-        logits = jnp.where(mask, logits, -1e30)
+    kv, g = k.shape[1], h // k.shape[1]
+    q = q * jnp.asarray(d**-0.5 if scale is None else scale, q.dtype)
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    logits = jnp.einsum("bkmd,bksd->bkms", q, k).astype(jnp.float32)
+    if mask is not None:  # rows (g, t) as the queries'
+        mask = jnp.tile(mask, (1,) * (mask.ndim - 2) + (g, 1))
+        logits = jnp.where(mask[None, None] if mask.ndim == 2 else mask[:, None], logits,
+                           -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout is not None and dropout[1] > 0:
         probs = jnp.where(jax.random.bernoulli(dropout[0], 1 - dropout[1], probs.shape),
                           probs / (1 - dropout[1]), 0.0)
     probs = probs.astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
