@@ -3,6 +3,7 @@ weights, same orders and noise (random weights: speed does not depend on them).
 
     python -m benchmarks.mar_sampling --official /path/to/mar [--size B] [--batches 1 8]
                                       [--num-iter 64] [--diffusion-steps 100] [--rounds 3]
+                                      [--segments N]
 
 Times the token sampling (`sample_tokens`: the masked steps and every token's diffusion chain;
 the KL-16 decode is the FlowAR benchmark's) with CFG 2.9 linear, temperature 1. arjax compiles
@@ -122,6 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-iter", type=int, default=64)
     parser.add_argument("--diffusion-steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--segments", type=int, default=MARSampleConfig.segments,
+                        help="arjax's runs of steps (`sample.segments`)")
     args = parser.parse_args(argv)
     cfg = TINY if args.size == "tiny" else dataclasses.replace(mar_config(args.size),
                                                                dropout=0.0)
@@ -133,14 +136,14 @@ def main(argv=None) -> None:
     official = official_mar(args.official, cfg, params, args.diffusion_steps)
     params = jax.tree.map(jnp.asarray, params)
     sample_cfg = MARSampleConfig(num_iter=args.num_iter, cfg=2.9, cfg_schedule="linear",
-                                 diffusion_steps=args.diffusion_steps)
+                                 diffusion_steps=args.diffusion_steps, segments=args.segments)
     fn = jax.jit(lambda p, noise, ranks, labels: sample_latents(
         graphdef, p, jax.random.key(0), labels, sample_cfg, noise, ranks)[0])
     machine = harness.calibrate(4 * harness.matmul_weights(params["diffloss"]))
     print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), load {os.getloadavg()}; "
           f"MAR-{args.size}, {args.num_iter} steps, {args.diffusion_steps} diffusion steps, "
-          "CFG 2.9 linear, float32")
+          f"CFG 2.9 linear, float32, arjax in {args.segments} runs")
     print("| batch | floor s | arjax s (median) | spread | arjax / floor (best) | official s "
           "(median) | spread | official / floor (best) | speed-up | arjax compile s | max "
           "relative difference | load |")

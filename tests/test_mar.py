@@ -3,6 +3,7 @@ shape sampler against a direct transcription of the official loop, official key 
 
 import argparse
 import functools
+import itertools
 import math
 
 import jax
@@ -17,7 +18,7 @@ from arjax.convert.torch_io import CheckpointMismatch
 from arjax.diffusion import Diffusion, space_timesteps
 from arjax.models import bind, param_count, split
 from arjax.models.mar import MAR, MARConfig, diffusion, mar_config
-from arjax.sampling.mar import MARSampleConfig, mask_schedule, sample_latents
+from arjax.sampling.mar import MARSampleConfig, mask_schedule, sample_latents, segments
 
 
 @functools.lru_cache
@@ -224,6 +225,40 @@ def test_mask_schedule_is_the_official_cosine():
     assert counts.sum() == 256  # every token predicted exactly once
     m, first = mask_schedule(16, 16)  # one token a step
     assert list(m[:-1] - first) == [1] * 16
+
+
+@pytest.mark.parametrize("length,num_iter,count,chain_cost", [
+    (256, 10, 3, 40.0), (256, 10, 4, 0.5), (64, 9, 2, 5.0), (16, 6, 6, 1.0)])
+def test_segments_cover_the_steps_with_the_least_padded_work(length, num_iter, count,
+                                                              chain_cost):
+    m, first = mask_schedule(length, num_iter)
+    known, new = length - m[:-1], m[:-1] - first
+
+    def work(runs):
+        return sum((b - a) * (cap + chain_cost * width) for a, b, cap, width in runs)
+
+    runs = segments(m, first, count, chain_cost)
+    assert [r[0] for r in runs] == [0] + [r[1] for r in runs[:-1]] and runs[-1][1] == num_iter
+    for a, b, cap, width in runs:  # every step's known and predicted tokens fit its run
+        assert cap >= max(1, known[a:b].max()) and width >= new[a:b].max()
+    # brute force over every choice of boundaries
+    best = min(work([(a, b, max(1, int(known[b - 1])), int(new[a:b].max()))
+                     for a, b in zip((0, *cuts), (*cuts, num_iter))])
+               for cuts in itertools.combinations(range(1, num_iter), min(count, num_iter) - 1))
+    assert work(runs) == best
+
+
+def test_sampler_runs_give_the_same_latents():
+    cfg, graphdef, params = tiny()
+    rng = np.random.default_rng(3)
+    noise = (rng.normal(size=(2, 16, 3)).astype(np.float32),
+             rng.normal(size=(2, 16, 4, 3)).astype(np.float32))
+    ranks = jnp.asarray(np.stack([rng.permutation(16) for _ in range(2)]))
+    outs = [jax.jit(lambda p, n=n: sample_latents(
+        graphdef, p, jax.random.key(0), jnp.array([0, 2]),
+        MARSampleConfig(num_iter=7, cfg=2.0, diffusion_steps=4, segments=n), noise, ranks)[0]
+    )(params) for n in (1, 3)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-6 * np.abs(outs[0]).max())
 
 
 def reference_sample(model, labels, cfg, ranks, init, inter):
