@@ -65,11 +65,16 @@ def floor(cfg, params, sample_cfg: MARSampleConfig, batch: int, machine) -> floa
     return total
 
 
-def random_weights(module_fn):
-    """Random MAR weights (std 0.02; LayerNorm scales about 1): speed does not depend on them."""
-    return jax.tree_util.tree_map_with_path(
+def random_models(official_path: str, size: str, diffusion_steps: int):
+    """(config, graphdef, random weights as device arrays, the official MAR holding the same
+    weights): std 0.02, LayerNorm scales about 1; speed does not depend on them."""
+    cfg = TINY if size == "tiny" else dataclasses.replace(mar_config(size), dropout=0.0)
+    module_fn = lambda: MAR(cfg, rngs=nnx.Rngs(0))
+    params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 1.0 if jax.tree_util.keystr(p).endswith("['scale']") else x,
         random_params(module_fn, 0, 0.02))
+    official = official_mar(official_path, cfg, params, diffusion_steps)
+    return cfg, split(nnx.eval_shape(module_fn))[0], jax.tree.map(jnp.asarray, params), official
 
 
 def time_batch(official, fn, params, cfg, sample_cfg: MARSampleConfig, batch: int,
@@ -133,13 +138,8 @@ def main(argv=None) -> None:
     parser.add_argument("--segments", type=int, default=MARSampleConfig.segments,
                         help="arjax's runs of steps (`sample.segments`)")
     args = parser.parse_args(argv)
-    cfg = TINY if args.size == "tiny" else dataclasses.replace(mar_config(args.size),
-                                                               dropout=0.0)
-    module_fn = lambda: MAR(cfg, rngs=nnx.Rngs(0))
-    params = random_weights(module_fn)
-    graphdef = split(nnx.eval_shape(module_fn))[0]
-    official = official_mar(args.official, cfg, params, args.diffusion_steps)
-    params = jax.tree.map(jnp.asarray, params)
+    cfg, graphdef, params, official = random_models(args.official, args.size,
+                                                    args.diffusion_steps)
     sample_cfg = MARSampleConfig(num_iter=args.num_iter, cfg=2.9, cfg_schedule="linear",
                                  diffusion_steps=args.diffusion_steps, segments=args.segments)
     fn = jax.jit(lambda p, noise, ranks, labels: sample_latents(

@@ -14,18 +14,14 @@ per weight per encoder and decoder token, buffer included) at the calibrated GEM
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from arjax.models import bind, split
-from arjax.models.mar import MAR, mar_config
+from arjax.models import bind
 from benchmarks import harness
-from benchmarks.mar_parity import TINY, official_mar
-from benchmarks.mar_sampling import random_weights
+from benchmarks.mar_sampling import random_models
 
 
 def time_pass(graphdef, params, official, cfg, tokens, cond, known: int, weights, machine,
@@ -72,13 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--known", type=int, nargs="+", default=[64, 128, 192])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    cfg = TINY if args.size == "tiny" else dataclasses.replace(mar_config(args.size),
-                                                               dropout=0.0)
-    module_fn = lambda: MAR(cfg, rngs=nnx.Rngs(0))
-    params = random_weights(module_fn)
-    graphdef = split(nnx.eval_shape(module_fn))[0]
-    official = official_mar(args.official, cfg, params, 100)
-    params = jax.tree.map(jnp.asarray, params)
+    cfg, graphdef, params, official = random_models(args.official, args.size, 100)
     enc = sum(harness.matmul_weights(v) for k, v in params.items() if k.startswith("encoder"))
     dec = harness.matmul_weights(params) - harness.matmul_weights(params["diffloss"]) - enc
     machine = harness.calibrate(4 * (enc + dec))
