@@ -40,6 +40,13 @@ from benchmarks.mar_parity import TINY, feed_randn, official_draws, official_mar
 from benchmarks.var_parity import random_params
 
 
+def trunk_weights(params) -> tuple[int, int]:
+    """(encoder, decoder) matmul weights per token (`harness.matmul_weights`; the decoder side
+    is everything outside the encoder and the diffusion head)."""
+    enc = sum(harness.matmul_weights(v) for k, v in params.items() if k.startswith("encoder"))
+    return enc, harness.matmul_weights(params) - harness.matmul_weights(params["diffloss"]) - enc
+
+
 def floor(cfg, params, sample_cfg: MARSampleConfig, batch: int, machine) -> float:
     """Seconds: the trunk's and the diffusion head's phases, each at its binding limit."""
     rows = 2 * batch
@@ -50,8 +57,7 @@ def floor(cfg, params, sample_cfg: MARSampleConfig, batch: int, machine) -> floa
                                                                       "time_embed"))
     mods = head - harness.matmul_weights(params["diffloss"], skip=("adaLN_modulation",))
     per_step = head - hoisted - mods
-    enc = sum(harness.matmul_weights(v) for k, v in params.items() if k.startswith("encoder"))
-    dec = harness.matmul_weights(params) - head - enc
+    enc, dec = trunk_weights(params)
     m, first = mask_schedule(cfg.seq_len, sample_cfg.num_iter)
     total = 0.0
     for s in range(sample_cfg.num_iter):

@@ -21,7 +21,7 @@ import numpy as np
 
 from arjax.models import bind
 from benchmarks import harness
-from benchmarks.mar_sampling import random_models
+from benchmarks.mar_sampling import random_models, trunk_weights
 
 
 def time_pass(graphdef, params, official, cfg, tokens, cond, known: int, weights, machine,
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     cfg, graphdef, params, official = random_models(args.official, args.size, 100)
-    enc = sum(harness.matmul_weights(v) for k, v in params.items() if k.startswith("encoder"))
-    dec = harness.matmul_weights(params) - harness.matmul_weights(params["diffloss"]) - enc
+    enc, dec = trunk_weights(params)
     machine = harness.calibrate(4 * (enc + dec))
     rng = np.random.default_rng(0)
     length, rows = cfg.seq_len, args.rows

@@ -37,8 +37,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     probabilities (training, as torch's SDPA dropout_p).
 
     The queries are scaled, moved heads-major and each group's queries stacked as rows, so
-    both matmuls are plain [B*K]-batched ones: XLA:CPU ran the 5-D einsum over (b, t, k, g)
-    at half that speed (`benchmarks.attention_rates`)."""
+    both matmuls are plain [B*K]-batched ones: XLA:CPU took 1.5-1.9x as long with 5-D
+    einsums over (b, t, k, g) (`benchmarks.attention_rates`, docs/benchmarks.md)."""
     b, t, h, d = q.shape
     kv, g = k.shape[1], h // k.shape[1]
     q = q * jnp.asarray(d**-0.5 if scale is None else scale, q.dtype)

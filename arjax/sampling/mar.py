@@ -122,11 +122,11 @@ def segments(m: np.ndarray, first: np.ndarray, count: int, chain_cost: float = 1
     """The steps in up to `count` runs -> (first step, end step, encoder cap = the most tokens
     known at a step start, width = the most tokens a step predicts): each run compiles with its
     own shapes, so the encoder sees about as many tokens as the official one (which drops the
-    unknown ones) and the diffusion chains about as many rows. The run boundaries minimise the
-    padded work, sum over runs of steps x (cap + `chain_cost` x width), where `chain_cost` is a
-    predicted token's diffusion chain in units of one encoder token (`chain_cost`); that is an
-    exact dynamic programme over the boundaries (early steps predict one token, late ones up to
-    7 of 256: equal-length runs padded MAR-B's work x1.11 with 4 runs, these x1.09)."""
+    unknown ones) and the diffusion chains about as many rows. Early steps predict one token,
+    late ones several, so the run boundaries minimise the padded work, sum over runs of steps x
+    (cap + `chain_cost` x width), with `chain_cost` a predicted token's diffusion chain in
+    encoder tokens (the function `chain_cost`): an exact dynamic programme over the boundaries
+    (docs/benchmarks.md, eighth stop, counts what it saves for MAR-B)."""
     length, n = int(m[0]), len(first)
     count = min(count, n)
     caps = np.maximum(1, length - m[:n]).astype(np.float64)  # non-decreasing in the step
@@ -147,8 +147,7 @@ def segments(m: np.ndarray, first: np.ndarray, count: int, chain_cost: float = 1
     for j in range(count, 0, -1):
         runs.append((int(cut[j, end]), end))
         end = runs[-1][0]
-    return [(a, b, max(1, int(length - m[b - 1])), int(np.max(m[a:b] - first[a:b])))
-            for a, b in reversed(runs)]
+    return [(a, b, int(caps[b - 1]), int(widths[a:b].max())) for a, b in reversed(runs)]
 
 
 def chain_cost(cfg, diffusion_steps: int) -> float:
