@@ -5,6 +5,7 @@ their official global batch on 64 and 256 chips (`arjax.plan` for each cell).
     python -m benchmarks.memory_table --target tpu:v5e --mode estimate \
         --cells gpt_B:64,flowar_S:64                        # + compiled temporaries (jax[tpu])
     ... --mode estimate --shallow                           # from 1- and 2-block compiles
+    ... --mode estimate --scan                              # full depth, blocks scanned
 
 State (parameters, Adam moments, EMA, batch) is exact for any target: it follows from shapes,
 dtypes and shardings. Temporaries need a compilation per cell and policy (float32 / bfloat16 +
@@ -12,7 +13,9 @@ full remat); on a TPU target they are XLA:TPU's own buffer assignment. A full-de
 compilation takes 15+ minutes on a 2-core machine, so `--shallow` compiles each cell with 1 and
 2 blocks per stack (FlowAR: trunk and flow head separately) and extends temporaries and peak
 linearly in the block count (every block of a stack has the same shapes, so its buffers repeat;
-the check against a full-depth compile is in docs/scaling.md).
+the check against a full-depth compile is in docs/scaling.md). `--scan` compiles the full
+depth with the blocks as one `lax.scan` (`model.scan_layers`): exact for that program, at about
+the cost of a 1-block compile.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cells", default="", help="model:chips,... (default: all)")
     parser.add_argument("--shallow", action="store_true",
                         help="temporaries from 1- and 2-block compiles, extended linearly")
+    parser.add_argument("--scan", action="store_true",
+                        help="model.scan_layers=true: full depth at the compile cost of one "
+                        "block per stack (exact for the scanned program)")
     args = parser.parse_args(argv)
     cells = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",")]
              if args.cells else [(m, n) for m in MODELS for n in (64, 256)])
@@ -76,6 +82,9 @@ def main(argv=None) -> None:
     from arjax import plan
 
     policies = POLICIES if args.mode != "state" else {"any": []}
+    if args.scan:
+        policies = {f"{name} scan": sets + ["model.scan_layers=true"]
+                    for name, sets in policies.items()}
     gib = lambda b: f"{b / 2**30:.2f}"
     print(f"target {args.target}, mesh {args.mesh}, mode {args.mode}; GiB per device")
     print("| model | chips | policy | batch/device | params | Adam | EMA | state | temps "

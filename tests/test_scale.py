@@ -156,7 +156,7 @@ def gpt_family(**policy):
 
 def var_family(**policy):
     cfg = VARConfig(depth=2, width=64, heads=4, vocab_size=16, codebook_dim=4,
-                    patch_nums=(1, 2, 3), num_classes=4, drop_path=0.0, **policy)
+                    patch_nums=(1, 2, 3), num_classes=4, **{"drop_path": 0.0, **policy})
     model = VAR(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     batch = {"inputs": jnp.asarray(rng.normal(size=(8, 13, 4)), jnp.float32),
@@ -313,6 +313,45 @@ def test_remat_leaves_gradients_unchanged(name, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 
+@pytest.mark.parametrize("name", ["gpt", "var", pytest.param("flowar", marks=SLOW),
+                                  pytest.param("mar", marks=SLOW)])
+def test_scanned_layers_equal_the_loop(name):
+    """`scan_layers` traces one block per stack (a `scan` in the program) and computes the
+    same loss and gradients as the unrolled blocks, with remat and VAR's stochastic depth
+    (per-block rates, the first 0) on."""
+    extra = {"drop_path": 0.3} if name == "var" else {}
+    results, programs = [], []
+    for scan in (False, True):
+        model, batch, loss = GENERATORS[name](remat="full", scan_layers=scan, **extra)
+        graphdef, params = split(model)
+        objective = lambda p, g=graphdef, f=loss, b=batch: f(bind(g, p), b,
+                                                             jax.random.key(1))[0]
+        programs.append(str(jax.make_jaxpr(objective)(params)))
+        results.append(jax.jit(jax.value_and_grad(objective))(params))
+    assert "scan[" not in programs[0] and "scan[" in programs[1]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
+
+
+def test_scanned_layers_under_a_mesh(devices):
+    """Scanned blocks under FSDP: the batch stays split inside the scan and the gradients
+    equal the unrolled ones without a mesh."""
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)), devices)
+    grads, texts = [], []
+    for scan in (False, True):
+        model, batch, loss = gpt_family(scan_layers=scan)
+        graphdef, params = split(model)
+        objective = lambda p, g=graphdef, b=batch: gpt_loss(bind(g, p), b, jax.random.key(1))[0]
+        if scan:
+            with jax.set_mesh(mesh):
+                placed = sharding.place(params, mesh, sharding.rules_named("fsdp_all"))
+                texts.append(jax.jit(jax.grad(objective)).lower(placed).as_text())
+                grads.append(jax.jit(jax.grad(objective))(placed))
+        else:
+            grads.append(jax.jit(jax.grad(objective))(params))
+    assert re.search(r'sharding_constraint %\S+ <@mesh, \[\{"data", "fsdp"\}', texts[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
 BLOCKS = {"gpt": 2, "var": 2, "flowar": 2 + 2, "mar": 1 + 1 + 2}  # trunk (+ head) blocks
 # (a head may run more than once per step: FlowAR's once per scale)
 
@@ -354,7 +393,8 @@ def test_bfloat16_training_lowers_the_loss(name):
 
 
 @pytest.mark.parametrize("bad,match", [({"dtype": "fp8"}, "model.dtype='fp8'"),
-                                       ({"remat": "some"}, "model.remat='some'")])
+                                       ({"remat": "some"}, "model.remat='some'"),
+                                       ({"scan_layers": "yes"}, "model.scan_layers='yes'")])
 def test_bad_policy_is_a_config_error(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_gpt_config(**bad).validate()

@@ -39,7 +39,7 @@ from arjax.models.var import (
     layer_norm,
 )
 from arjax.nn.layers import Linear, RMSNorm
-from arjax.nn.policy import dtypes, float32, stacked
+from arjax.nn.policy import dtypes, float32, run_blocks
 from arjax.nn.scales import scale_bounds, scale_levels
 
 
@@ -96,9 +96,8 @@ class DDRaster(nnx.Module):
         h = h + self.n_d_embed(data_positions(k, self.unit_starts, length).astype(jnp.int32))
         rope = jnp.asarray(_rope_table(cfg.grid, cfg.dim // cfg.heads, cfg.rope_base)[:length])
         mask = jnp.tril(jnp.ones((length, length), bool))
-        run = stacked(cfg.remat, lambda layer, h: layer(h, rope, mask))
-        for layer in self.layers:
-            h = run(layer, h)
+        h = run_blocks(self.layers, lambda layer, h: layer(h, rope, mask), h, remat=cfg.remat,
+                       scan=cfg.scan_layers)
         h = h[:, 1:]
         logits = self.output(self.norm(h)).astype(jnp.float32)
         return self.final_layer_conti(h, cls), logits
@@ -157,9 +156,9 @@ class DDVAR(nnx.Module):
         nd = self.n_d_embed(data_positions(k, self.unit_starts, length).astype(jnp.int32))
         h = h + nd
         mask = jnp.asarray(dd_var_mask(cfg.patch_nums))
-        run = stacked(cfg.remat, lambda blk, h, mid: blk(h, block_cond, mask, mid=mid))
-        for blk, proj in zip(self.blocks, self.layerwise_n_d_embed):
-            h = run(blk, h, proj(nd))
+        h = run_blocks(self.blocks, lambda blk, h, mid: blk(h, block_cond, mask, mid=mid), h,
+                       [proj(nd) for proj in self.layerwise_n_d_embed[:cfg.depth]],
+                       remat=cfg.remat, scan=cfg.scan_layers)
         h = h + self.layerwise_n_d_embed[cfg.depth](nd)
         logits = self.head(self.head_nm(h, cond, cfg.norm_eps))
         return self.final_layer_conti(h, cond)[:, 1:], logits[:, 1:].astype(jnp.float32)

@@ -32,7 +32,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.layers import Linear, RMSNorm, TimestepEmbedder, dropout
-from arjax.nn.policy import check_policy, dtypes, float32, stacked
+from arjax.nn.policy import check_policy, dtypes, float32, run_blocks
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
 from arjax.nn.scales import (
@@ -60,6 +60,7 @@ class FlowARConfig:
     dtype: str = "float32"  # matmul/attention compute and KV caches; see arjax.nn.policy
     param_dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation (trunk and flow head): none|full|dots
+    scan_layers: bool = False  # uncached passes as lax.scan over the blocks (compile time)
 
     @property
     def seq_len(self) -> int:
@@ -293,7 +294,7 @@ class FlowHead(nnx.Module):
 
     def __init__(self, cfg: FlowARConfig, *, rngs: nnx.Rngs):
         w, f32 = cfg.head_width, float32(cfg)
-        self.remat = cfg.remat
+        self.remat, self.scan = cfg.remat, cfg.scan_layers
         self.time_embed = TimestepEmbedder(w, f32, nnx.initializers.xavier_uniform(), rngs=rngs)
         self.cond_embed = _linear(cfg.width, w, dtypes(cfg), rngs)
         self.input_proj = _linear(cfg.token_dim, w, f32, rngs)
@@ -311,9 +312,8 @@ class FlowHead(nnx.Module):
         """Float32 in and out (the ODE state); the blocks' matmuls in the compute dtype."""
         temb = self.time_embed(jnp.floor(t.astype(jnp.float32) * 1000))[:, None]
         h = self.input_proj(x)
-        run = stacked(self.remat, lambda blk, h, bctx: blk(h, temb, ctx["c"], bctx, rope))
-        for block, block_ctx in zip(self.res_blocks, ctx["blocks"]):
-            h = run(block, h, block_ctx)
+        h = run_blocks(self.res_blocks, lambda blk, h, bctx: blk(h, temb, ctx["c"], bctx, rope),
+                       h, ctx["blocks"], remat=self.remat, scan=self.scan)
         return self.final_layer(h, ctx["c"] + temb)
 
     def __call__(self, x, t, z, rope):
@@ -346,17 +346,16 @@ class FlowAR(nnx.Module):
     def head_ropes(self) -> list[np.ndarray]:
         return rope_tables(self.cfg.scales, 64)
 
-    def _trunk(self, x, cond, begin: int, layer):
+    def _trunk(self, x, cond, begin: int, stack):
         """Embedded tokens x [B, n, D] at positions begin.. through both stacks;
-        `layer(index, block, x) -> x` runs one block (full or cached)."""
+        `stack(blocks, first, x) -> x` runs one stack whose first block is layer `first` of
+        the two (full or cached)."""
         end = begin + x.shape[1]
         pos = lambda p: p[:, begin:end].astype(jnp.float32)
         x = self.z_proj_ln(x + pos(self.encoder_pos_embed_learned))
-        for i, block in enumerate(self.encoder_blocks):
-            x = layer(i, block, x)
+        x = stack(self.encoder_blocks, 0, x)
         x = self.decoder_embed(self.encoder_norm(x)) + pos(self.decoder_pos_embed_learned)
-        for i, block in enumerate(self.decoder_blocks):
-            x = layer(self.cfg.depth + i, block, x)
+        x = stack(self.decoder_blocks, self.cfg.depth, x)
         return self.decoder_norm(x) + pos(self.diffusion_pos_embed_learned)
 
     def drop_labels(self, labels, key):
@@ -372,8 +371,10 @@ class FlowAR(nnx.Module):
         mask = jnp.asarray(block_causal_mask(cfg.scales))
         rope = jnp.asarray(np.concatenate(rope_tables(cfg.scales, cfg.width // cfg.heads)))
         keys = _keys(key, 2 * cfg.depth)
-        run = stacked(cfg.remat, lambda blk, h, k: blk(h, cond, rope, mask, k))
-        return self._trunk(x, cond, 0, lambda i, blk, h: run(blk, h, keys[i]))
+        call = lambda blk, h, k: blk(h, cond, rope, mask, k)
+        return self._trunk(x, cond, 0, lambda blocks, first, h: run_blocks(
+            blocks, call, h, keys[first:first + cfg.depth], remat=cfg.remat,
+            scan=cfg.scan_layers))
 
     def loss(self, labels, latents, key):
         """Flow-matching loss (training): latents [B, s, s, C] scaled; per scale a uniform t
@@ -408,7 +409,8 @@ class FlowAR(nnx.Module):
         rope = jnp.asarray(rope_tables(cfg.scales, cfg.width // cfg.heads)[scale])
         new_cache = list(cache)
 
-        def layer(i, block, h):
-            h, new_cache[i] = block.decode(h, cond, rope, cache[i], begin, end)
+        def stack(blocks, first, h):
+            for i, block in enumerate(blocks, first):
+                h, new_cache[i] = block.decode(h, cond, rope, cache[i], begin, end)
             return h
-        return self._trunk(x, cond, begin, layer), new_cache
+        return self._trunk(x, cond, begin, stack), new_cache

@@ -32,7 +32,7 @@ from arjax.config import check
 from arjax.diffusion import SCHEDULES, Diffusion
 from arjax.nn.attention import attend
 from arjax.nn.layers import Linear, TimestepEmbedder, dropout
-from arjax.nn.policy import check_policy, dtypes, float32, stacked
+from arjax.nn.policy import check_policy, dtypes, float32, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,7 @@ class MARConfig:
     dtype: str = "float32"  # see arjax.nn.policy
     param_dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation (trunk and diffusion MLP)
+    scan_layers: bool = False  # trunk and diffusion MLP as lax.scan over blocks (compile time)
     noise_schedule: str = "cosine"  # the head's diffusion (arjax.diffusion.SCHEDULES)
 
     @property
@@ -196,7 +197,7 @@ class DiffusionMLP(nnx.Module):
 
     def __init__(self, cfg: MARConfig, *, rngs: nnx.Rngs):
         w = cfg.head_width
-        self.remat = cfg.remat
+        self.remat, self.scan = cfg.remat, cfg.scan_layers
         self.time_embed = TimestepEmbedder(w, float32(cfg), nnx.initializers.normal(0.02),
                                            rngs=rngs)
         self.cond_embed = _linear(cfg.width, w, dtypes(cfg), rngs)
@@ -211,9 +212,8 @@ class DiffusionMLP(nnx.Module):
     def denoise(self, x, t, c):
         y = self.time_embed(t) + c
         h = self.input_proj(x.astype(jnp.float32))
-        run = stacked(self.remat, lambda blk, h: blk(h, y))
-        for block in self.res_blocks:
-            h = run(block, h)
+        h = run_blocks(self.res_blocks, lambda blk, h: blk(h, y), h, remat=self.remat,
+                       scan=self.scan)
         return self.final_layer(h, y).astype(jnp.float32)
 
     def modulations(self, t, c):
@@ -287,9 +287,9 @@ class MAR(nnx.Module):
             x = jnp.concatenate([x[:, :p], jnp.take_along_axis(x, p + kept[..., None], 1)], 1)
         visible = jnp.concatenate([jnp.ones((b, p), bool), kept_known], axis=1)
         keys = _keys(key, 2 * cfg.depth)
-        run = stacked(cfg.remat, lambda blk, h, vis, k: blk(h, vis, k))
-        for i, block in enumerate(self.encoder_blocks):
-            x = run(block, x, visible, keys[i])
+        policy = dict(remat=cfg.remat, scan=cfg.scan_layers)
+        x = run_blocks(self.encoder_blocks, lambda blk, h, k: blk(h, visible, k), x,
+                       keys[:cfg.depth], **policy)
         x = self.decoder_embed(self.encoder_norm(x))
         x = jnp.where(visible[..., None], x, self.mask_token[...].astype(x.dtype))
         if kept is not None:  # back to the full sequence, mask tokens elsewhere
@@ -298,8 +298,8 @@ class MAR(nnx.Module):
             rows = jnp.arange(b)[:, None]
             x = full.at[:, :p].set(x[:, :p]).at[rows, p + kept].set(x[:, p:])
         x = x + pos(self.decoder_pos_embed_learned)
-        for i, block in enumerate(self.decoder_blocks):
-            x = run(block, x, None, keys[cfg.depth + i])
+        x = run_blocks(self.decoder_blocks, lambda blk, h, k: blk(h, None, k), x,
+                       keys[cfg.depth:], **policy)
         return self.decoder_norm(x)[:, p:] + pos(self.diffusion_pos_embed_learned)
 
     @property

@@ -20,7 +20,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import Attention, KVCache, init_cache
 from arjax.nn.layers import Linear, RMSNorm, SwiGLU, dropout, find_multiple
-from arjax.nn.policy import check_policy, dtypes, stacked
+from arjax.nn.policy import check_policy, dtypes, run_blocks
 from arjax.nn.rope import rope_2d_table
 
 
@@ -41,6 +41,7 @@ class RasterARConfig:
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators); KV caches too
     param_dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation in training: none | full | dots
+    scan_layers: bool = False  # teacher-forced pass as lax.scan over the blocks (compile time)
 
     @property
     def seq_len(self) -> int:
@@ -138,9 +139,9 @@ class RasterAR(nnx.Module):
         x = dropout(x, cfg.dropout, keys[1] if keys else None)
         rope = jnp.asarray(self.rope[:length])
         mask = jnp.tril(jnp.ones((length, length), bool))
-        run = stacked(cfg.remat, lambda layer, h, k: layer(h, rope, mask, k))
-        for i, layer in enumerate(self.layers):
-            x = run(layer, x, keys[i + 2] if keys else None)
+        x = run_blocks(self.layers, lambda layer, h, k: layer(h, rope, mask, k), x,
+                       keys[2:] if keys else [None] * cfg.depth, remat=cfg.remat,
+                       scan=cfg.scan_layers)
         return self._logits(x)
 
     def init_cache(self, batch: int, length: int | None = None) -> list[KVCache]:

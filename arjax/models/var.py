@@ -23,7 +23,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.layers import Linear
-from arjax.nn.policy import check_policy, dtypes, float32, stacked
+from arjax.nn.policy import check_policy, dtypes, float32, run_blocks
 from arjax.nn.scales import (
     attend_scale,
     block_causal_mask,
@@ -52,6 +52,7 @@ class VARConfig:
     dtype: str = "float32"  # matmul/attention compute and KV caches; see arjax.nn.policy
     param_dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation in training: none | full | dots
+    scan_layers: bool = False  # teacher-forced pass as lax.scan over the blocks (compile time)
 
     @property
     def dim(self) -> int:
@@ -180,7 +181,7 @@ class AdaLNBlock(nnx.Module):
         g1, g2, s1, s2, b1, b2 = self.modulation(cond)
         eps = self.cfg.norm_eps
         keep = lambda branch, k: branch
-        if drop is not None and drop[1] > 0:
+        if drop is not None:
             key, rate = drop
             keep = lambda branch, k: branch * jax.random.bernoulli(
                 jax.random.fold_in(key, k), 1 - rate, (x.shape[0], 1, 1)) / (1 - rate)
@@ -288,14 +289,15 @@ class VAR(nnx.Module):
         cond, block_cond = self.conditioning(labels)
         x = jnp.concatenate([self.embed(cond, None, 0), self.embed(cond, inputs, 1)], axis=1)
         mask = jnp.asarray(block_causal_mask(self.cfg.patch_nums))
-        rates = np.linspace(0, self.cfg.drop_path, self.cfg.depth)
-        def run(rate: float):  # the drop rate stays a Python float (static)
-            return stacked(self.cfg.remat, lambda blk, h, k: blk(
-                h, block_cond, mask, None if k is None else (k, rate)))
-
-        for i, block in enumerate(self.blocks):
-            x = run(float(rates[i]))(block, x,
-                                     None if key is None else jax.random.fold_in(key, i + 1))
+        cfg = self.cfg
+        rates = np.linspace(0, cfg.drop_path, cfg.depth)
+        # Per block (key, rate); a rate-0 block skips the draw unless the blocks are scanned
+        # (one traced body: there a rate of 0 keeps every row, the same result).
+        drops = [None if key is None or cfg.drop_path == 0 or (rate == 0 and not cfg.scan_layers)
+                 else (jax.random.fold_in(key, i + 1), float(rate))
+                 for i, rate in enumerate(rates)]
+        x = run_blocks(self.blocks, lambda blk, h, drop: blk(h, block_cond, mask, drop), x,
+                       drops, remat=cfg.remat, scan=cfg.scan_layers)
         return x, cond
 
     def init_cache(self, batch: int):

@@ -10,7 +10,7 @@ losses, quantiser distances and ODE states are float32 (each model says where).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +31,16 @@ REMAT_POLICIES = {
 
 
 def check_policy(cfg, name: str = "model") -> None:
-    """`cfg.dtype`, `cfg.param_dtype` and `cfg.remat` (those it has) are known values."""
+    """`cfg.dtype`, `cfg.param_dtype`, `cfg.remat` and `cfg.scan_layers` (those it has) are
+    known values."""
     for field in ("dtype", "param_dtype"):
         value = getattr(cfg, field, "float32")
         check(value in DTYPES, f"{name}.{field}={value!r} must be one of {DTYPES}")
     remat = getattr(cfg, "remat", "none")
     check(remat in REMAT_POLICIES,
           f"{name}.remat={remat!r} must be one of {sorted(REMAT_POLICIES)}")
+    scan = getattr(cfg, "scan_layers", False)
+    check(isinstance(scan, bool), f"{name}.scan_layers={scan!r} must be true or false")
 
 
 def dtypes(cfg) -> dict:
@@ -62,6 +65,37 @@ def stacked(remat: str, call: Callable) -> Callable:
         return constrain_batch(inner(module, constrain_batch(h), *rest))
 
     return run
+
+
+def run_blocks(blocks: Sequence[nnx.Module], call: Callable, h, *per_block: Sequence,
+               remat: str = "none", scan: bool = False):
+    """`h` through a stack of identical blocks: `h = call(block, h, *inputs)` for each block
+    and its entry of every `per_block` sequence (arrays or pytrees, one per block; `None`
+    entries throughout mean none), each step as `stacked` runs it.
+
+    `scan=True` traces and compiles one block instead of `len(blocks)` (`lax.scan` over the
+    blocks' weights, stacked here: one extra copy of the stack's weights per call, and the
+    gradient comes back stacked too). The result is the same computation; the deeper the
+    model, the more compile time it saves. The weights keep their per-block layout, so
+    checkpoints, converters and sharding rules do not depend on it."""
+    if not scan or len(blocks) < 2:
+        run = stacked(remat, call)
+        for i, block in enumerate(blocks):
+            h = run(block, h, *(inputs[i] for inputs in per_block))
+        return h
+    graphdef, _ = nnx.split(blocks[0])
+    weights = [nnx.to_pure_dict(nnx.state(block)) for block in blocks]
+    xs = (weights, *(list(inputs) for inputs in per_block))
+    xs = jax.tree.map(lambda *a: jnp.stack(a), *[tuple(x[i] for x in xs)
+                                                  for i in range(len(blocks))])
+
+    def body(h, x):
+        return call(nnx.merge(graphdef, x[0], copy=False), h, *x[1:])
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    step = lambda h, x: (constrain_batch(body(constrain_batch(h), x)), None)
+    return jax.lax.scan(step, h, xs)[0]
 
 
 _conv = {"dtype": None, "param_dtype": jnp.float32}
