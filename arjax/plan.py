@@ -24,6 +24,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -138,12 +139,34 @@ def abstract_step(stage, mesh, rules, per_device_batch: int):
 
 
 def compiled_peak(stage, mesh, rules, per_device_batch: int) -> tuple[dict, object]:
+    """(footprint, executable). A step whose temporaries alone exceed the target's memory
+    is refused by XLA:TPU; its footprint then comes from the figure in that error (with
+    `over_hbm`, and no executable) rather than a traceback."""
     import jax
 
     step, state, batch = abstract_step(stage, mesh, rules, per_device_batch)
     with jax.set_mesh(mesh):  # traced as `fit` traces it (activation constraints)
-        compiled = step.lower(state, batch).compile()
+        lowered = step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as error:
+            temp = refused_temporaries(str(error))
+            if temp is None:
+                raise
+            args, kept = device_bytes((state, batch)), device_bytes(state)
+            return {"argument": args, "output": kept, "alias": kept, "temp": temp,
+                    "peak": args + temp, "over_hbm": True}, None
     return footprint(compiled), compiled
+
+
+def refused_temporaries(message: str) -> int | None:
+    """Bytes of temporaries in XLA's "Ran out of memory ... the total memory required for
+    HLO temporaries (17.67G) exceeds available HBM" (binary units), or None."""
+    found = re.search(r"RESOURCE_EXHAUSTED.*HLO temporaries \(([\d.]+)([KMGT]?)\)", message,
+                      re.S)
+    if not found:
+        return None
+    return int(float(found[1]) * 1024 ** " KMGT".index(found[2] or " "))
 
 
 def footprint(compiled) -> dict:
@@ -179,8 +202,9 @@ def plan(stage, mesh, rules, per_device_batch: int, hbm_bytes: float, mode: str 
     if mode == "state":
         return out
     mem, compiled = compiled_peak(stage, mesh, rules, per_device_batch)
-    flops = (compiled.cost_analysis() or {}).get("flops")
-    out.update(temp=mem["temp"], peak=mem["peak"], compiled=mem, xla_flops_per_device=flops)
+    flops = (compiled.cost_analysis() or {}).get("flops") if compiled else None
+    out.update(temp=mem["temp"], peak=mem["peak"], compiled=mem, xla_flops_per_device=flops,
+               over_hbm=mem.get("over_hbm", False))
     fixed, per_row = mem["peak"] - mem["temp"], mem["temp"] / per_device_batch
     if mode == "search":
         double = compiled_peak(stage, mesh, rules, 2 * per_device_batch)[0]["peak"]
@@ -264,6 +288,9 @@ def print_table(r: dict) -> None:
     for name, key in rows:
         if key in r:
             print(f"  {name:42s} {gib(r[key]):>12s}")
+    if r.get("over_hbm"):
+        print("  XLA refused to compile the step: its temporaries alone exceed the memory "
+              "(figure from its error)")
     if "max_per_device_batch" in r:
         note = " (CPU temporaries: an order of magnitude only)" if r["target"] == "cpu" else ""
         check = r.get("max_batch_check")

@@ -110,7 +110,8 @@ def main(argv=None) -> None:
             elif "temp" in r:  # largest batch: temporaries in proportion to the batch
                 fixed, per_row = r["peak"] - r["temp"], r["temp"] / r["per_device_batch"]
                 best = int((full["hbm_bytes"] - fixed) // max(per_row, 1.0))
-                extra = [gib(r["temp"]), gib(r["peak"]), str(max(best, 0))]
+                extra = [gib(r["temp"]), gib(r["peak"]), str(max(best, 0))
+                         + (" (XLA refused: over HBM)" if r.get("over_hbm") else "")]
             print(f"| {name} | {chips} | {policy} | {full['per_device_batch']} | "
                   f"{gib(full['params'])} | {gib(full['opt_state'])} | {gib(full['ema'])} | "
                   f"{gib(state)} | " + " | ".join(extra) + " |", flush=True)

@@ -504,6 +504,29 @@ def test_plan_counts_state_bytes_per_device_exactly(capsys):
     assert '"config": "llamagen_imagenet:digits"' in capsys.readouterr().out
 
 
+def test_plan_reports_a_step_the_compiler_refuses(monkeypatch, capsys):
+    """XLA:TPU refuses a step whose temporaries exceed the HBM (RESOURCE_EXHAUSTED); the
+    planner reports that figure, marked, instead of a traceback."""
+    from jax._src import stages
+
+    from arjax import plan
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Ran out of memory "
+               "on HBM, the total memory required for HLO temporaries (17.67G) exceeds "
+               "available HBM (15.75G).")
+
+    def refuse(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError(message)
+
+    monkeypatch.setattr(stages.Lowered, "compile", refuse)
+    result = plan.run(plan.parse_args(["--config", "llamagen_imagenet:digits", "--devices",
+                                       "8", "--mesh", "data=2,fsdp=4"]))
+    assert result["over_hbm"] and result["temp"] == int(17.67 * 2**30)
+    assert result["peak"] == result["temp"] + result["compiled"]["argument"]
+    assert "XLA refused to compile the step" in capsys.readouterr().out
+    assert plan.refused_temporaries("RESOURCE_EXHAUSTED: something else") is None
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--config", "llamagen_imagenet"], "expected <experiment>:<preset>"),
     (["--config", "nope:digits"], "no experiment named 'nope'"),
