@@ -313,8 +313,8 @@ def test_remat_leaves_gradients_unchanged(name, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
 
 
-@pytest.mark.parametrize("name", ["gpt", "var", pytest.param("flowar", marks=SLOW),
-                                  pytest.param("mar", marks=SLOW)])
+@pytest.mark.parametrize("name", ["gpt", *[pytest.param(n, marks=SLOW)
+                                          for n in ("var", "flowar", "mar")]])
 def test_scanned_layers_equal_the_loop(name):
     """`scan_layers` traces one block per stack (a `scan` in the program) and computes the
     same loss and gradients as the unrolled blocks, with remat and VAR's stochastic depth
