@@ -53,13 +53,15 @@ def float32(cfg) -> dict:
     return dict(dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def stacked(remat: str, call: Callable) -> Callable:
+def stacked(remat: str, call: Callable, prevent_cse: bool = True) -> Callable:
     """One block of a stack, `call(module, h, *rest) -> h`: its activations rematerialised
     in the backward pass per the `remat` policy (checked with the model config by
     `check_policy`; the forward is unchanged), its input and output kept split on the batch
     over the data-parallel mesh axes (`sharding.constrain_batch`: FSDP gathers weights, not
-    rows)."""
-    inner = call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
+    rows). `prevent_cse=False` inside a scan, where the loop already keeps XLA from merging
+    the recomputation into the forward."""
+    inner = call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat],
+                                                   prevent_cse=prevent_cse)
 
     def run(module, h, *rest):
         return constrain_batch(inner(module, constrain_batch(h), *rest))
@@ -85,16 +87,9 @@ def run_blocks(blocks: Sequence[nnx.Module], call: Callable, h, *per_block: Sequ
         return h
     graphdef, _ = nnx.split(blocks[0])
     weights = [nnx.to_pure_dict(nnx.state(block)) for block in blocks]
-    xs = (weights, *(list(inputs) for inputs in per_block))
-    xs = jax.tree.map(lambda *a: jnp.stack(a), *[tuple(x[i] for x in xs)
-                                                  for i in range(len(blocks))])
-
-    def body(h, x):
-        return call(nnx.merge(graphdef, x[0], copy=False), h, *x[1:])
-
-    if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    step = lambda h, x: (constrain_batch(body(constrain_batch(h), x)), None)
+    xs = jax.tree.map(lambda *a: jnp.stack(a), *zip(weights, *per_block))
+    run = stacked(remat, call, prevent_cse=False)
+    step = lambda h, x: (run(nnx.merge(graphdef, x[0], copy=False), h, *x[1:]), None)
     return jax.lax.scan(step, h, xs)[0]
 
 
