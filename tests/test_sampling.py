@@ -172,7 +172,10 @@ def test_generator_contract_on_8_devices(devices):
     from arjax import sharding
     from arjax.sampling.generator import Samples, make_generator
 
+    traced_under = []
+
     def sample_fn(params, fixed, key, labels):
+        traced_under.append(dict(jax.sharding.get_abstract_mesh().shape))
         images = jnp.broadcast_to((labels[:, None, None, None] / 8.0) * params["scale"]
                                   * fixed["one"],
                                   (labels.shape[0], 4, 4, 3))
@@ -187,3 +190,4 @@ def test_generator_contract_on_8_devices(devices):
     np.testing.assert_array_equal(out.images[:, 0, 0, 0], np.round((labels / 8 + 1) * 127.5))
     np.testing.assert_array_equal(out.aux["labels_seen"], labels)
     assert out.stats["target_passes"] == 5 and out.stats["seconds"] > 0
+    assert traced_under == [{"data": 8}]  # traced under the mesh (the blocks' constraints)

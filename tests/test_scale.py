@@ -132,8 +132,14 @@ def test_converted_weights_are_sharded_once_and_sample_the_same_tokens(devices):
     labels = sharding.to_global(np.arange(8) % 4, mesh)
     key = jax.random.key(1)
     with jax.transfer_guard_host_to_device("disallow"):
-        a, b = fn(sharded, key, labels), fn(replicated, key, labels)
+        with jax.set_mesh(mesh):  # as make_generator traces: rows pinned in every block
+            a = fn(sharded, key, labels)
+            text = fn.lower(sharded, key, labels).as_text()
+        b = fn(replicated, key, labels)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    # the cached decode's residual stream, per layer, in the prefill and in the token loop
+    pinned = re.findall(r'sharding_constraint %\S+ <@mesh, \[\{"data", "fsdp"\}', text)
+    assert len(pinned) >= 2 * (cfg.depth + 1), len(pinned)
 
 
 def test_unknown_rule_set_is_a_config_error():

@@ -32,7 +32,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.layers import Linear, RMSNorm, TimestepEmbedder, dropout
-from arjax.nn.policy import check_policy, dtypes, float32, run_blocks
+from arjax.nn.policy import check_policy, decode_blocks, dtypes, float32, run_blocks
 from arjax.nn.resize import resize
 from arjax.nn.rope import apply_rope, rope_2d_table
 from arjax.nn.scales import (
@@ -410,7 +410,9 @@ class FlowAR(nnx.Module):
         new_cache = list(cache)
 
         def stack(blocks, first, h):
-            for i, block in enumerate(blocks, first):
-                h, new_cache[i] = block.decode(h, cond, rope, cache[i], begin, end)
+            last = first + len(blocks)
+            h, new_cache[first:last] = decode_blocks(
+                blocks, cache[first:last],
+                lambda blk, h, c: blk.decode(h, cond, rope, c, begin, end), h)
             return h
         return self._trunk(x, cond, begin, stack), new_cache

@@ -20,7 +20,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import Attention, KVCache, init_cache
 from arjax.nn.layers import Linear, RMSNorm, SwiGLU, dropout, find_multiple
-from arjax.nn.policy import check_policy, dtypes, run_blocks
+from arjax.nn.policy import check_policy, decode_blocks, dtypes, run_blocks
 from arjax.nn.rope import rope_2d_table
 
 
@@ -174,10 +174,8 @@ class RasterAR(nnx.Module):
         pos = jnp.asarray(pos, jnp.int32)
         slice_at = lambda p: jax.lax.dynamic_slice_in_dim(table, p, x.shape[1])
         rope = slice_at(pos) if pos.ndim == 0 else jax.vmap(slice_at)(pos)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, rope, layer_cache, pos)
-            new_cache.append(layer_cache)
+        x, new_cache = decode_blocks(
+            self.layers, cache, lambda layer, h, c: layer.decode(h, rope, c, pos), x)
         return self._logits(x), new_cache
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 from arjax.config import check
 from arjax.nn.attention import attend
 from arjax.nn.layers import Linear
-from arjax.nn.policy import check_policy, dtypes, float32, run_blocks
+from arjax.nn.policy import check_policy, decode_blocks, dtypes, float32, run_blocks
 from arjax.nn.scales import (
     attend_scale,
     block_causal_mask,
@@ -308,9 +308,8 @@ class VAR(nnx.Module):
     def decode_scale(self, x, cond, block_cond, cache, begin: int):
         """Embedded tokens x [B, n, C] of one scale, or of several whole scales in one
         block-causal pass (a prefill, as CoDe's refiner does) -> (logits [B, n, V], cache)."""
-        end, new_cache = begin + x.shape[1], []
+        end = begin + x.shape[1]
         mask = chunk_mask(self.cfg.patch_nums, begin, end)
-        for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.decode(x, block_cond, layer_cache, begin, end, mask)
-            new_cache.append(layer_cache)
+        x, new_cache = decode_blocks(
+            self.blocks, cache, lambda blk, h, c: blk.decode(h, block_cond, c, begin, end, mask), x)
         return self.logits(x, cond), new_cache

@@ -93,6 +93,18 @@ def run_blocks(blocks: Sequence[nnx.Module], call: Callable, h, *per_block: Sequ
     return jax.lax.scan(step, h, xs)[0]
 
 
+def decode_blocks(blocks: Sequence[nnx.Module], caches: Sequence, call: Callable, h):
+    """Cached decoding through a stack: `h, cache = call(block, h, cache)` for each block and
+    its cache -> (h, new caches), the residual stream kept split on the batch as `stacked`
+    keeps it in training (a sampler traced under a mesh: FSDP-sharded weights are gathered,
+    the rows and their caches stay on their devices)."""
+    new = []
+    for block, cache in zip(blocks, caches):
+        h, cache = call(block, constrain_batch(h), cache)
+        new.append(cache)
+    return constrain_batch(h), new
+
+
 _conv = {"dtype": None, "param_dtype": jnp.float32}
 
 

@@ -40,17 +40,20 @@ def make_generator(sample_fn: Callable[[Any, Any, jax.Array, jax.Array], Samples
     """Jits `sample_fn(params, fixed, key, labels)` with images and aux sharded over the batch
     and the stats replicated; returns `generate(params, labels, key) -> Generated`. `fixed` are
     the arrays every call shares (the tokenizer's parameters, a draft model's): passed as jit
-    arguments, never baked in as constants. The first call for a batch size compiles (time it
-    with a second call). Images and aux are gathered onto every process (call `generate` on
-    all of them)."""
+    arguments, never baked in as constants. Traced under `mesh` (`jax.set_mesh`), as `fit`
+    traces the train step, so every block keeps its rows on their devices and gathers
+    FSDP-sharded weights instead (`sharding.constrain_batch`). The first call for a batch
+    size compiles (time it with a second call). Images and aux are gathered onto every
+    process (call `generate` on all of them)."""
     batch = sharding.batch_sharding(mesh)
     shardings = Samples(images=batch, aux=batch, stats=sharding.replicated(mesh))
     sampler = jax.jit(sample_fn, out_shardings=shardings)
 
     def generate(params, labels: np.ndarray, key: jax.Array) -> Generated:
         t0 = time.perf_counter()
-        out = sampler(params, fixed, key,
-                      sharding.from_host(np.asarray(labels, np.int32), mesh))
+        with jax.set_mesh(mesh):
+            out = sampler(params, fixed, key,
+                          sharding.from_host(np.asarray(labels, np.int32), mesh))
         jax.block_until_ready(out)
         seconds = time.perf_counter() - t0
         stats = {k: v.item() for k, v in jax.device_get(out.stats).items()}
