@@ -1,6 +1,8 @@
 """CSpD: the exact rule reproduces the target (Gaussian toy and a tiny MAR pair, KS tests),
 its residual sampler draws (p - q)_+, draft == target accepts everything, the schedule."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,34 @@ def test_window_runs_cover_every_window_with_enough_room(count):
                 assert 256 - m[s] <= cap and m[s] - first[s] <= width
     if count > 1:
         assert runs[0][1][2] < runs[-1][1][2] and runs[0][1][0] < runs[-1][1][0]
+
+
+@pytest.mark.parametrize("num_iter,num_draft,count,draft,target", [
+    (32, 4, 3, (1.0, 40.0), (4.0, 10.0)), (24, 2, 4, (2.0, 0.5), (1.0, 5.0)),
+    (16, 3, 2, (1.0, 1.0), (1.0, 1.0))])
+def test_window_runs_have_the_least_padded_work(num_iter, num_draft, count, draft, target):
+    """The chosen boundaries are the cheapest of every choice (brute force), with the padded
+    work of both models: draft steps at the run's draft width, one target pass per window at
+    its window width, every pass at the run's encoder cap."""
+    m, first = mask_schedule(256, num_iter)
+    _, windows = schedule(num_iter, CSpDConfig(num_draft=num_draft, ratio=0.1))
+
+    def work(parts):
+        total = 0.0
+        for part in parts:
+            steps = [s for a, b in part for s in range(a, b + 1)]
+            cap = max(1, 256 - min(m[s] for s in steps))
+            width = max(m[s] - first[s] for s in steps)
+            verified = max(m[a] - first[b] for a, b in part)
+            total += (len(steps) * draft[0] * (cap + draft[1] * width)
+                      + len(part) * target[0] * (cap + target[1] * verified))
+        return total
+
+    chosen = work([r for r, _ in window_runs(m, first, windows, count, draft, target)])
+    n = len(windows)
+    best = min(work([windows[a:b] for a, b in zip((0, *cuts), (*cuts, n))])
+               for cuts in itertools.combinations(range(1, n), min(count, n) - 1))
+    assert chosen == pytest.approx(best)
 
 
 def gaussians(n, c=2, seed=0):

@@ -117,6 +117,34 @@ def position_noise(canvas: Canvas, idx: jax.Array, steps: int, c: int):
     return drawn[:, :, 0], drawn[:, :, 1:]
 
 
+def cheapest_runs(n: int, count: int, work) -> list[tuple[int, int]]:
+    """Items 0..n-1 in up to `count` contiguous runs (first, end) that minimise the summed
+    `work(starts, end)`: the padded work of runs starts..end-1 for an array of starts (each
+    run compiles with shapes that fit its widest item). An exact dynamic programme over the
+    boundaries."""
+    count = min(count, n)
+    # best[j][b]: least work of items 0..b-1 in j runs; cut[j][b]: where its last run begins
+    best = np.full((count + 1, n + 1), np.inf)
+    best[0, 0] = 0.0
+    cut = np.zeros((count + 1, n + 1), np.int64)
+    for b in range(1, n + 1):
+        cost = work(np.arange(b), b)
+        for j in range(1, count + 1):
+            total = best[j - 1, :b] + cost
+            cut[j, b] = int(np.argmin(total))
+            best[j, b] = total[cut[j, b]]
+    runs, end = [], n
+    for j in range(count, 0, -1):
+        runs.append((int(cut[j, end]), end))
+        end = runs[-1][0]
+    return runs[::-1]
+
+
+def suffix_max(values: np.ndarray) -> np.ndarray:
+    """[max(values[a:]) for each a]: the widest item of every run that ends at the end."""
+    return np.maximum.accumulate(values[::-1])[::-1]
+
+
 def segments(m: np.ndarray, first: np.ndarray, count: int, chain_cost: float = 1.0
              ) -> list[tuple[int, int, int, int]]:
     """The steps in up to `count` runs -> (first step, end step, encoder cap = the most tokens
@@ -125,37 +153,27 @@ def segments(m: np.ndarray, first: np.ndarray, count: int, chain_cost: float = 1
     unknown ones) and the diffusion chains about as many rows. Early steps predict one token,
     late ones several, so the run boundaries minimise the padded work, sum over runs of steps x
     (cap + `chain_cost` x width), with `chain_cost` a predicted token's diffusion chain in
-    encoder tokens (the function `chain_cost`): an exact dynamic programme over the boundaries
-    (docs/benchmarks.md, eighth stop, counts what it saves for MAR-B)."""
+    encoder tokens (the function `chain_cost`; docs/benchmarks.md, eighth stop, counts what it
+    saves for MAR-B)."""
     length, n = int(m[0]), len(first)
-    count = min(count, n)
     caps = np.maximum(1, length - m[:n]).astype(np.float64)  # non-decreasing in the step
     widths = (m[:n] - first).astype(np.float64)
-    # best[j][b]: least work of steps 0..b-1 in j runs; cut[j][b]: where its last run begins
-    best = np.full((count + 1, n + 1), np.inf)
-    best[0, 0] = 0.0
-    cut = np.zeros((count + 1, n + 1), np.int64)
-    for b in range(1, n + 1):
-        starts = np.arange(b)
-        widest = np.maximum.accumulate(widths[:b][::-1])[::-1]  # max width over a..b-1
-        work = (b - starts) * (caps[b - 1] + chain_cost * widest)
-        for j in range(1, count + 1):
-            total = best[j - 1, :b] + work
-            cut[j, b] = int(np.argmin(total))
-            best[j, b] = total[cut[j, b]]
-    runs, end = [], n
-    for j in range(count, 0, -1):
-        runs.append((int(cut[j, end]), end))
-        end = runs[-1][0]
-    return [(a, b, int(caps[b - 1]), int(widths[a:b].max())) for a, b in reversed(runs)]
+    runs = cheapest_runs(n, count, lambda starts, b: (b - starts) * (
+        caps[b - 1] + chain_cost * suffix_max(widths[:b])))
+    return [(a, b, int(caps[b - 1]), int(widths[a:b].max())) for a, b in runs]
+
+
+def token_cost(cfg) -> float:
+    """Matmul weights one token meets in a trunk stack (attention and MLP of each block): the
+    unit of `chain_cost`, and how draft and target passes compare (CSpD's `window_runs`)."""
+    return cfg.depth * (4 + 2 * cfg.mlp_ratio) * cfg.width**2
 
 
 def chain_cost(cfg, diffusion_steps: int) -> float:
     """A predicted token's diffusion chain in encoder tokens (matmul weights per row: the
-    head's res blocks and final layer, AdaLN included, at every step; a trunk block's
-    attention and MLP): `segments`' weight of the two kinds of padding."""
-    block = (4 + 2 * cfg.mlp_ratio) * cfg.width**2
-    return diffusion_steps * (5 * cfg.head_depth + 2) * cfg.head_width**2 / (cfg.depth * block)
+    head's res blocks and final layer, AdaLN included, at every step, over `token_cost`):
+    `segments`' weight of the two kinds of padding."""
+    return diffusion_steps * (5 * cfg.head_depth + 2) * cfg.head_width**2 / token_cost(cfg)
 
 
 def predict(model, canvas: Canvas, known_below, first, last, width: int, weight,

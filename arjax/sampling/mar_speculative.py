@@ -26,9 +26,9 @@ p = N(mu_p, s_p^2), q = N(mu_q, s_q^2) (diagonal over the C channels):
 
 The guidance weight of the whole window is the one of its last draft step (official). Static
 shapes: the schedule (pre-fill steps, windows) is a host table; the pre-fill steps run as the
-plain sampler's (`run_steps`) and the windows as `sample.segments` runs (`window_runs`), each a
-`lax.scan` over its windows compiled with its own encoder cap and gathered token counts, the
-draft steps of a window a `fori_loop`.
+plain sampler's (`run_steps`) and the windows as `sample.segments` runs (`window_runs`, chosen
+for the least padded work of both models), each a `lax.scan` over its windows compiled with
+its own encoder cap and gathered token counts, the draft steps of a window a `fori_loop`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from arjax.models import bind
 from arjax.sampling.generator import Samples
 from arjax.sampling.mar import (
     MARSampleConfig,
+    chain_cost,
+    cheapest_runs,
     guidance_weights,
     latent_rms,
     mask_schedule,
@@ -53,6 +55,8 @@ from arjax.sampling.mar import (
     run_steps,
     scatter,
     start,
+    suffix_max,
+    token_cost,
 )
 
 RULES = ("exact", "official")
@@ -144,19 +148,32 @@ def verify(key, rule: CSpDConfig, x_q, q, x_p, p):
     return jnp.where(accepted[:, None], x_q, y), accepted, ~accepted & ~found, log_r, log_f
 
 
-def window_runs(m: np.ndarray, first: np.ndarray, windows: np.ndarray, count: int):
-    """The windows in `count` runs of about equal length, each compiled with its own shapes
-    (as `sampling.mar.segments` does for plain steps) -> [(windows [n, 2], (encoder cap = the
+def window_runs(m: np.ndarray, first: np.ndarray, windows: np.ndarray, count: int,
+                draft: tuple[float, float] = (1.0, 1.0), target: tuple[float, float] = (1.0, 1.0)):
+    """The windows in up to `count` runs, each compiled with its own shapes (as
+    `sampling.mar.segments` does for plain steps) -> [(windows [n, 2], (encoder cap = the
     most tokens known at any of the run's steps, the most tokens a draft step predicts, the
-    most tokens a window verifies))]: early windows predict few tokens, so padding every
-    window to the last one's size would multiply the diffusion chains' rows."""
-    length, runs = m[0], []
-    for part in np.array_split(windows, min(count, len(windows))) if len(windows) else []:
-        steps = np.arange(part[0, 0], part[-1, 1] + 1)
-        runs.append((part, (max(1, int(length - m[part[-1, 1]])),
-                            int(np.max(m[steps] - first[steps])),
-                            int(max(m[a] - first[b] for a, b in part)))))
-    return runs
+    most tokens a window verifies))]. Early windows predict few tokens, so the boundaries
+    minimise the padded work (`cheapest_runs`): per window, its draft steps x (cap + draft
+    chain x draft width) in draft tokens plus one target pass, cap + target chain x window
+    width in target tokens; `draft`, `target` = each model's (`token_cost`, `chain_cost`)."""
+    if not len(windows):
+        return []
+    length, (a, b) = int(m[0]), windows.T
+    caps = np.maximum(1, length - m[b]).astype(np.float64)
+    steps = (b - a + 1).astype(np.float64)
+    widths = np.array([np.max(m[x:y + 1] - first[x:y + 1]) for x, y in windows], np.float64)
+    verified = (m[a] - first[b]).astype(np.float64)
+
+    def work(starts, end):
+        drafted = np.cumsum(steps[:end][::-1])[::-1]  # draft steps of windows start..end-1
+        return (drafted * draft[0] * (caps[end - 1] + draft[1] * suffix_max(widths[:end]))
+                + (end - starts) * target[0] * (caps[end - 1]
+                                                + target[1] * suffix_max(verified[:end])))
+
+    return [(windows[x:y], (int(caps[y - 1]), int(widths[x:y].max()),
+                            int(verified[x:y].max())))
+            for x, y in cheapest_runs(len(windows), count, work)]
 
 
 def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSampleConfig,
@@ -218,7 +235,9 @@ def sample_latents(target, draft, key: jax.Array, labels: jax.Array, cfg: MARSam
     zero = jnp.int32(0)
     counts = dict(drafted=zero, accepted=zero, residual_fallbacks=zero, draft_passes=zero,
                   windows=zero, log_ratio=jnp.float32(0), log_factor=jnp.float32(0))
-    for run, shapes in window_runs(m_host, first_host, windows, cfg.segments):
+    costs = [(token_cost(model.cfg), chain_cost(model.cfg, cfg.diffusion_steps))
+             for model in (d_model, t_model)]
+    for run, shapes in window_runs(m_host, first_host, windows, cfg.segments, *costs):
         (tokens, counts), _ = jax.lax.scan(functools.partial(window, shapes=shapes),
                                            (tokens, counts), jnp.asarray(run))
     drafted = jnp.maximum(counts["drafted"], 1)
