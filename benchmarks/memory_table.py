@@ -6,6 +6,7 @@ their official global batch on 64 and 256 chips (`arjax.plan` for each cell).
         --cells gpt_B:64,flowar_S:64                        # + compiled temporaries (jax[tpu])
     ... --mode estimate --shallow                           # from 1- and 2-block compiles
     ... --mode estimate --scan                              # full depth, blocks scanned
+    ... --policies bf16+remat                               # one policy only
 
 State (parameters, Adam moments, EMA, batch) is exact for any target: it follows from shapes,
 dtypes and shardings. Temporaries need a compilation per cell and policy (float32 / bfloat16 +
@@ -69,6 +70,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cells", default="", help="model:chips,... (default: all)")
     parser.add_argument("--shallow", action="store_true",
                         help="temporaries from 1- and 2-block compiles, extended linearly")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help=f"which of {', '.join(POLICIES)} to compile (estimate mode)")
     parser.add_argument("--scan", action="store_true",
                         help="model.scan_layers=true: full depth at the compile cost of one "
                         "block per stack (exact for the scanned program)")
@@ -81,7 +84,11 @@ def main(argv=None) -> None:
                                    f"{max(n for _, n in cells)}")
     from arjax import plan
 
-    policies = POLICIES if args.mode != "state" else {"any": []}
+    unknown = set(args.policies.split(",")) - set(POLICIES)
+    if unknown:
+        parser.error(f"--policies: unknown {sorted(unknown)}; choose from {sorted(POLICIES)}")
+    policies = ({p: POLICIES[p] for p in args.policies.split(",")} if args.mode != "state"
+                else {"any": []})
     if args.scan:
         policies = {f"{name} scan": sets + ["model.scan_layers=true"]
                     for name, sets in policies.items()}
