@@ -84,11 +84,11 @@ def main(argv=None) -> None:
                                    f"{max(n for _, n in cells)}")
     from arjax import plan
 
-    unknown = set(args.policies.split(",")) - set(POLICIES)
+    chosen = args.policies.split(",")
+    unknown = set(chosen) - set(POLICIES)
     if unknown:
         parser.error(f"--policies: unknown {sorted(unknown)}; choose from {sorted(POLICIES)}")
-    policies = ({p: POLICIES[p] for p in args.policies.split(",")} if args.mode != "state"
-                else {"any": []})
+    policies = {p: POLICIES[p] for p in chosen} if args.mode != "state" else {"any": []}
     if args.scan:
         policies = {f"{name} scan": sets + ["model.scan_layers=true"]
                     for name, sets in policies.items()}
