@@ -3,12 +3,13 @@ KL-16 decode included) vs the official PyTorch FlowAR, same weights, same proces
 the floor.
 
     python -m benchmarks.flowar_sampling [--official /path/to/FlowAR] [--batches 1 8]
-        [--size S] [--disa 15] [--rounds 3] [--compete] [--torch-threads N]
+        [--size S] [--disa 15] [--scan] [--rounds 3] [--compete] [--torch-threads N]
 
 `--official` points at a checkout of OliverRen/FlowAR (not part of arjax; needs
 `pip install --no-deps timm einops`, see benchmarks/official_flowar.py); its `sample_tokens` +
 `vae.decode` run with the same settings and weights (its ODE runs in float64, as released).
-`--disa N` also times arjax with DiSA (flow steps annealed from 25 to N over the scales). The
+`--disa N` also times arjax with DiSA (flow steps annealed from 25 to N over the scales),
+`--scan` with `scan_layers` on (each stack one `lax.scan`, cached decode included). The
 runs are interleaved (`benchmarks.harness`); arjax's compilation (ahead of time) is timed apart.
 Floors: per scale the trunk reads its weights once and does 2 FLOPs per weight per new token
 row, every flow step the head does the same over the scale's tokens (CFG doubles the rows
@@ -107,6 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", default="S", choices=["S", "L", "H"])
     parser.add_argument("--disa", type=int, default=0, help="DiSA: flow steps at the last scale")
+    parser.add_argument("--scan", action="store_true",
+                        help="also time arjax with scan_layers on (scanned blocks throughout)")
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     harness.apply(args)
@@ -128,6 +131,11 @@ def main(argv=None) -> None:
         if args.disa:
             disa_cfg = dataclasses.replace(sample_cfg, disa_min_steps=args.disa)
             runs["arjax DiSA"] = arjax_sample_run(model, vae, disa_cfg, batch)[0]
+        if args.scan:
+            scanned = split(nnx.eval_shape(
+                lambda: FlowAR(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0))))[0]
+            runs["arjax scanned"], scan_compile_s = arjax_sample_run(
+                (scanned, model[1]), vae, sample_cfg, batch)
         if args.official:
             runs["official"], runs["official decode"] = official_runs(
                 args.official, args.size, model, vae, sample_cfg, batch)
@@ -144,6 +152,10 @@ def main(argv=None) -> None:
         if args.disa:
             line.append(f"DiSA {sample_cfg.num_steps}->{args.disa} "
                         f"{harness.spread(times['arjax DiSA'])}")
+        if args.scan:
+            line.append(f"arjax scanned {harness.spread(times['arjax scanned'])} (compile "
+                        f"{scan_compile_s:.1f} s), scanned / arjax "
+                        f"{harness.ratio(times['arjax scanned'], times['arjax'])}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

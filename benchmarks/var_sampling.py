@@ -2,7 +2,7 @@
 PyTorch VAR, same weights, same process, against the floor.
 
     python -m benchmarks.var_sampling [--official /path/to/VAR] [--batches 1 8] [--depth 16]
-        [--rounds 3] [--compete] [--torch-threads N] [--unfiltered]
+        [--rounds 3] [--compete] [--torch-threads N] [--unfiltered] [--scan]
 
 `--official` points at a checkout of FoundationVision/VAR (not part of arjax; needs
 `huggingface_hub`); its `autoregressive_infer_cfg` + `fhat_to_img` run the weights arjax drew
@@ -16,6 +16,8 @@ XLA's count of the compiled decoder.
 Disclosed: arjax finds the top-k / top-p cut-offs by a radix select over the vocabulary (the
 official code sorts it; the same law, less work). `--unfiltered` also times arjax's sampler
 with top-k and top-p off, interleaved with the rest: the difference is what the filter costs.
+`--scan` also times arjax with `scan_layers` on (each scale's cached decode one `lax.scan`
+over the blocks), interleaved, with its own compile time.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--unfiltered", action="store_true",
                         help="also time arjax without top-k / top-p (the filter's cost)")
+    parser.add_argument("--scan", action="store_true",
+                        help="also time arjax with scan_layers on (scanned cached decode)")
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     harness.apply(args)
@@ -136,6 +140,10 @@ def main(argv=None) -> None:
         if args.unfiltered:
             unfiltered = dataclasses.replace(SAMPLE, top_k=0, top_p=1.0)
             runs["arjax unfiltered"] = arjax_sample_run(var, vae, batch, unfiltered)[0]
+        if args.scan:
+            scanned = lambda: VAR(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0))
+            runs["arjax scanned"], scan_compile_s = arjax_sample_run((scanned, var[1]), vae,
+                                                                     batch)
         if args.official:
             runs["official"], runs["official decode"] = official_runs(
                 args.official, args.depth, var, vae, batch)
@@ -154,6 +162,10 @@ def main(argv=None) -> None:
             plain = times["arjax unfiltered"]
             line.append(f"arjax unfiltered {harness.spread(plain)}, arjax / unfiltered "
                         f"{harness.ratio(times['arjax'], plain)}")
+        if args.scan:
+            line.append(f"arjax scanned {harness.spread(times['arjax scanned'])} (compile "
+                        f"{scan_compile_s:.1f} s), scanned / arjax "
+                        f"{harness.ratio(times['arjax scanned'], times['arjax'])}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

@@ -44,25 +44,31 @@ def test_official_parameter_counts():
     assert round(count(lambda: KLVAE(KL_16, rngs=nnx.Rngs(0))) / 1e6, 1) == 66.5
 
 
-@pytest.mark.parametrize("cross", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_cached_decode_equals_teacher_forcing(cross):
+@pytest.mark.parametrize("cross,scan", [pytest.param(False, False, marks=pytest.mark.slow),
+                                        (True, False), (True, True)])
+def test_cached_decode_equals_teacher_forcing(cross, scan):
+    """Also with `scan_layers` (the cached decode scans each stack over the filled part of
+    its caches) against the unrolled teacher-forced pass of the same weights."""
     cfg, graphdef, params = tiny(cross)
-    model = nnx.merge(graphdef, params)
     latents = jax.random.normal(jax.random.key(1), (2, 4, 4, cfg.token_dim))
     labels = jnp.array([0, 3])  # 3 = the null class
+    _, inputs = teacher_inputs(latents, cfg.scales)
 
-    @jax.jit
-    def both(latents, labels):
-        _, inputs = teacher_inputs(latents, cfg.scales)
-        cond, cache, cached = model.class_emb(labels), model.init_cache(2), []
+    def cached(model):
+        cond, cache, out = model.class_emb(labels), model.init_cache(2), []
         for k, (begin, end) in enumerate(scale_bounds(cfg.scales)):
             zk, cache = model.decode_scale(model.embed(cond, inputs[:, begin - 1:end - 1], k),
                                            cond, cache, k)
-            cached.append(zk)
-        return model(labels, inputs), jnp.concatenate(cached, axis=1)
+            out.append(zk)
+        return jnp.concatenate(out, axis=1)
 
-    full, cached = both(latents, labels)
-    np.testing.assert_allclose(cached, full, atol=2e-5)
+    full = jax.jit(lambda p: nnx.merge(graphdef, p)(labels, inputs))(params)
+    if scan:
+        graphdef = tiny(cross, scan_layers=True)[1]
+        program = str(jax.make_jaxpr(lambda p: cached(nnx.merge(graphdef, p)))(params))
+        assert program.count("scan[") == 2 * len(cfg.scales)  # both stacks, each scale
+    np.testing.assert_allclose(jax.jit(lambda p: cached(nnx.merge(graphdef, p)))(params),
+                               full, atol=2e-5)
 
 
 def test_block_causal_across_scales():

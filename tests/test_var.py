@@ -1,6 +1,7 @@
 """VAR: residual quantiser sums, block-causal teacher forcing = cached per-scale decoding,
 official sizes and Phi tables, sampler shapes and bad input."""
 
+import dataclasses
 import functools
 
 import jax
@@ -86,16 +87,28 @@ def teacher_and_cached(model, vae, labels, codes):
     return full, jnp.concatenate(cached, axis=1), inputs
 
 
-@pytest.mark.parametrize("shared_aln", [False, True])
-def test_teacher_forcing_equals_cached_per_scale_decoding(shared_aln):
+@pytest.mark.parametrize("shared_aln,scan", [(False, False), (True, False), (False, True)])
+def test_teacher_forcing_equals_cached_per_scale_decoding(shared_aln, scan):
+    """Also with `scan_layers`: the cached decode scans the blocks over the filled part of the
+    caches, once per scale (against the unrolled teacher-forced pass of the same weights)."""
     cfg = VARConfig(**{**TINY_VAR.__dict__, "shared_aln": shared_aln})
     model = randomised(lambda: VAR(cfg, rngs=nnx.Rngs(0)), 3)
     vae = randomised(lambda: MultiScaleVQVAE(TINY_VAE, rngs=nnx.Rngs(0)), 1)
     labels = jnp.array([0, 3, 5])  # 5 = null class
     codes = [jax.random.randint(jax.random.key(k), (3, p * p), 0, 16) for k, p in
              enumerate(PATCH)]
-    full, cached, _ = teacher_and_cached(model, vae, labels, codes)
-    np.testing.assert_allclose(cached, full, atol=2e-4, rtol=1e-4)
+    full, _, _ = teacher_and_cached(model, vae, labels, codes)
+    if scan:
+        scanned = dataclasses.replace(cfg, scan_layers=True)
+        model = randomised(lambda: VAR(scanned, rngs=nnx.Rngs(0)), 3)
+        program = str(jax.make_jaxpr(cached_logits)(model, vae, labels, codes))
+        assert program.count("scan[") == 1 + len(PATCH)  # teacher forcing + each scale
+    np.testing.assert_allclose(cached_logits(model, vae, labels, codes), full, atol=2e-4,
+                               rtol=1e-4)
+
+
+def cached_logits(model, vae, labels, codes):
+    return teacher_and_cached(model, vae, labels, codes)[1]
 
 
 def test_block_causal_over_scales():

@@ -413,6 +413,7 @@ class FlowAR(nnx.Module):
             last = first + len(blocks)
             h, new_cache[first:last] = decode_blocks(
                 blocks, cache[first:last],
-                lambda blk, h, c: blk.decode(h, cond, rope, c, begin, end), h)
+                lambda blk, h, c: blk.decode(h, cond, rope, c, begin, end), h,
+                span=(begin, end), scan=cfg.scan_layers)
             return h
         return self._trunk(x, cond, begin, stack), new_cache

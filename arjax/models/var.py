@@ -311,5 +311,6 @@ class VAR(nnx.Module):
         end = begin + x.shape[1]
         mask = chunk_mask(self.cfg.patch_nums, begin, end)
         x, new_cache = decode_blocks(
-            self.blocks, cache, lambda blk, h, c: blk.decode(h, block_cond, c, begin, end, mask), x)
+            self.blocks, cache, lambda blk, h, c: blk.decode(h, block_cond, c, begin, end, mask), x,
+            span=(begin, end), scan=self.cfg.scan_layers)
         return self.logits(x, cond), new_cache

@@ -93,15 +93,37 @@ def run_blocks(blocks: Sequence[nnx.Module], call: Callable, h, *per_block: Sequ
     return jax.lax.scan(step, h, xs)[0]
 
 
-def decode_blocks(blocks: Sequence[nnx.Module], caches: Sequence, call: Callable, h):
+def decode_blocks(blocks: Sequence[nnx.Module], caches: Sequence, call: Callable, h,
+                  span: tuple[int, int] | None = None, scan: bool = False):
     """Cached decoding through a stack: `h, cache = call(block, h, cache)` for each block and
     its cache -> (h, new caches), the residual stream kept split on the batch as `stacked`
     keeps it in training (a sampler traced under a mesh: FSDP-sharded weights are gathered,
-    the rows and their caches stay on their devices)."""
-    new = []
-    for block, cache in zip(blocks, caches):
-        h, cache = call(block, constrain_batch(h), cache)
-        new.append(cache)
+    the rows and their caches stay on their devices).
+
+    `scan=True` with a static `span` (begin, end): the call writes positions begin..end - 1 of
+    caches laid out [B, heads, S, d] and reads none past them (a next-scale decode), so the
+    stack runs as one `lax.scan` over the blocks' stacked weights and the filled part
+    [:end] of their caches: one block traced instead of `len(blocks)` (compile time, as
+    `run_blocks`), the full caches untouched except for the new positions."""
+    if not scan or span is None or len(blocks) < 2:
+        new = []
+        for block, cache in zip(blocks, caches):
+            h, cache = call(block, constrain_batch(h), cache)
+            new.append(cache)
+        return constrain_batch(h), new
+    begin, end = span
+    graphdef, _ = nnx.split(blocks[0])
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    weights = stack([nnx.to_pure_dict(nnx.state(block)) for block in blocks])
+    filled = stack([jax.tree.map(lambda a: a[:, :, :end], cache) for cache in caches])
+
+    def step(h, x):
+        h, cache = call(nnx.merge(graphdef, x[0], copy=False), constrain_batch(h), x[1])
+        return h, jax.tree.map(lambda a: a[:, :, begin:end], cache)
+
+    h, written = jax.lax.scan(step, h, (weights, filled))
+    new = [jax.tree.map(lambda a, w, i=i: a.at[:, :, begin:end].set(w[i]), cache, written)
+           for i, cache in enumerate(caches)]
     return constrain_batch(h), new
 
 
