@@ -224,6 +224,36 @@ def test_search_keeps_the_best_rewarded_candidate_and_counts_its_compute(family)
     assert stats["vae_decodes_per_image"] == sum(counts[-3:])  # the selection scales
 
 
+@pytest.mark.slow  # compiles a step per scale and count, with and without the mesh
+def test_search_on_8_devices_splits_the_candidates_and_equals_one_device(devices):
+    """Candidates split over the mesh while their count divides it (8, then 4 replicated):
+    the same selections, codes and images as the search on one device."""
+    from arjax import sharding
+
+    mesh = sharding.make_mesh((("data", 8),), devices)
+    cfg = search.SearchConfig(batch_schedule=(4, 4, 2, 1), cluster_scales=(),
+                              resample_scales=(2,))
+    reward = lambda images, labels: np.asarray(images).mean(axis=(1, 2, 3))
+    cands, split_rows = candidates("var"), []
+
+    class Recorded:  # records whether each step's candidates were split over the devices
+        scales, start, gather, outputs = cands.scales, cands.start, cands.gather, cands.outputs
+
+        def step(self, state, labels, key, k, decode):
+            out = cands.step(state, labels, key, k, decode)
+            split_rows.append(not out[0]["codes"].sharding.is_fully_replicated)
+            return out
+
+    labels = np.array([0, 2])
+    alone, stats = search.search(cands, jax.random.key(4), labels, cfg, reward)
+    split, split_stats = search.search(Recorded(), jax.random.key(4), labels, cfg, reward,
+                                       mesh=mesh)
+    assert split_rows == [True, True, True, False]  # 8, 8, 8 candidates, then 4
+    np.testing.assert_array_equal(split.aux["codes"], alone.aux["codes"])
+    np.testing.assert_allclose(split.images, alone.images, atol=1e-5)
+    assert split_stats == pytest.approx(stats)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(batch_schedule=(4, 4, 4)), "one per scale"),
     (dict(batch_schedule=(4, 2, 2, 1), cluster_scales=(), resample_scales=()),

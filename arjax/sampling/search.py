@@ -18,6 +18,7 @@ ones (the digits classifier's, the project's Inception-v3 features) or `module:f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arjax import sharding
+from arjax import distributed, sharding
 from arjax.config import ConfigError, check
 from arjax.images import to_uint8
 from arjax.sampling.generator import Generated, Samples
@@ -115,18 +116,29 @@ def search(candidates, key: jax.Array, labels: np.ndarray, cfg: SearchConfig,
     """The search for each label over a scale-wise family's `candidates` (`sampling.var.
     Candidates` or `sampling.flowar.Candidates`: start / step / gather / outputs) -> (Samples
     of the chosen candidates, stats: every counted cost per final image, VAE decodes per final
-    image, the final mean reward). With a `mesh`, candidates are replicated over it (weights
-    keep their sharding) and every process runs the same search."""
+    image, the final mean reward). With a `mesh`, the candidates are split over its
+    data-parallel axes whenever their count divides evenly (replicated otherwise), the steps
+    are traced under it (each block keeps its rows on their devices,
+    `sharding.constrain_batch`), and every process runs the same host-side selection on the
+    gathered images."""
     scales = candidates.scales
     cfg.validate(scales)
     check(not cfg.cluster_scales or features is not None,
           "search.cluster_scales need a features function")
     labels = np.asarray(labels, np.int32)
-    n_labels, count = len(labels), cfg.batch_schedule[0]
+    put, whole = jnp.asarray, jnp.asarray  # candidate rows; row indices every device needs
+    if mesh is not None:
+        split = sharding.data_parallel_size(mesh)
+        whole = lambda x: sharding.from_host(x, mesh, sharding.replicated(mesh))
+        put = lambda x: (sharding.from_host(x, mesh) if len(x) % split == 0 else whole(x))
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return _search(candidates, key, labels, cfg, reward, features, put, whole)
+
+
+def _search(candidates, key, labels, cfg, reward, features, put, whole):
+    scales, n_labels, count = candidates.scales, len(labels), cfg.batch_schedule[0]
     rows_labels = np.repeat(labels, count)
     rng = np.random.default_rng(cfg.seed)
-    put = (jnp.asarray if mesh is None else
-           lambda x: sharding.from_host(x, mesh, sharding.replicated(mesh)))
     state = candidates.start(put(rows_labels))
     history: list[np.ndarray] = []  # rewards [labels, count] at each scored scale
     totals: dict[str, int] = {"vae_decodes": 0}
@@ -136,11 +148,12 @@ def search(candidates, key: jax.Array, labels: np.ndarray, cfg: SearchConfig,
         for name, value in {**cost, "vae_decodes": len(rows_labels) * select}.items():
             totals[name] = totals.get(name, 0) + int(value)
         keep, picks = cfg.batch_schedule[k], None
+        host = distributed.gather(images) if select else None
         if k in cfg.cluster_scales:
-            vectors = structure_vectors(features(np.asarray(images)))
+            vectors = structure_vectors(features(host))
             picks = [cluster_select(v, keep) for v in vectors.reshape(n_labels, count, -1)]
         if k in cfg.resample_scales or k == scales - 1:
-            r = np.asarray(reward(np.asarray(images), rows_labels), np.float64)
+            r = np.asarray(reward(host, rows_labels), np.float64)
             history.append(r.reshape(n_labels, count))
             if k == scales - 1:
                 keep, picks = 1, [np.array([np.argmax(h)]) for h in history[-1]]
@@ -151,7 +164,7 @@ def search(candidates, key: jax.Array, labels: np.ndarray, cfg: SearchConfig,
         if picks is None or count == 1:
             continue
         picks = np.stack(picks)  # [labels, keep], candidate indices within each label
-        rows = put((np.arange(n_labels)[:, None] * count + picks).ravel())
+        rows = whole((np.arange(n_labels)[:, None] * count + picks).ravel())
         state, images = candidates.gather(state, rows), images[rows]
         history = [h[np.arange(n_labels)[:, None], picks] for h in history]
         rows_labels, count = np.repeat(labels, keep), keep
@@ -200,8 +213,8 @@ def make_generator(candidates_fn: Callable, cfg: SearchConfig, mesh
     def generate(params, labels: np.ndarray, key: jax.Array) -> Generated:
         t0 = time.perf_counter()
         out, stats = search(candidates_fn(params), key, labels, cfg, reward, features, mesh)
-        images = to_uint8(np.asarray(out.images))  # replicated: every process holds them
-        return Generated(images, {k: np.asarray(v) for k, v in out.aux.items()},
+        images = to_uint8(distributed.gather(out.images))  # every process gets them all
+        return Generated(images, {k: distributed.gather(v) for k, v in out.aux.items()},
                          {**stats, "seconds": time.perf_counter() - t0})
 
     return generate
