@@ -200,11 +200,18 @@ def make_train_step(graphdef, loss_fn: Callable, tx, ema_decay: float = 0.0,
     return train_step
 
 
-def init_state(params, tx, seed: int, ema: bool = False) -> TrainState:
+def init_state(params, tx, seed: int, ema: bool | str = False) -> TrainState:
     """Step 0 state (call it inside `fit`'s `init_fn`, so it is built sharded). With `ema`
-    the average starts as a float32 copy of the weights (as FlowAR/MAR/LlamaGen do)."""
+    the average starts as a float32 copy of the weights (as FlowAR/MAR/LlamaGen do).
+
+    Networks trained together with their own optimizers (DD2's generator and guide): `params`
+    and `tx` are dicts of the same names, each optimizer's state is kept under its name, and
+    `ema` may name the one network that is averaged."""
     import jax.numpy as jnp
 
-    average = jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    opt_state = ({name: t.init(params[name]) for name, t in tx.items()}
+                 if isinstance(tx, dict) else tx.init(params))
+    averaged = params[ema] if isinstance(ema, str) else params
+    average = jax.tree.map(lambda p: p.astype(jnp.float32), averaged) if ema else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       key=jax.random.key_data(jax.random.key(seed)), ema=average)

@@ -51,7 +51,7 @@ from arjax.nn.scales import scale_bounds
 from arjax.optim import OptimConfig, make_optimizer
 from arjax.sampling import var as var_sampling
 from arjax.sampling.generator import Samples, make_generator
-from arjax.train import TrainState, fit
+from arjax.train import fit, init_state
 from experiments import dd_imagenet, var_imagenet
 
 
@@ -162,11 +162,8 @@ def train_generator(cfg: Config, teacher, init_fn, frozen, mesh, workdir, progre
 
     def init():
         params = split(init_fn())[1]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params={"gen": params, "guide": params},
-            opt_state={"gen": tx_gen.init(params), "guide": tx_guide.init(params)},
-            key=jax.random.key_data(jax.random.key(cfg.seed + 13)),
-            ema=jax.tree.map(lambda p: p.astype(jnp.float32), params))
+        return init_state({"gen": params, "guide": params}, {"gen": tx_gen, "guide": tx_guide},
+                          cfg.seed + 13, ema="gen")
 
     weights = lambda state: state.ema if stage.samples_from_ema else state.params["gen"]
     state, history = fit(

@@ -24,7 +24,7 @@ from arjax.models import bind, split
 from arjax.models.var import VAR, VARConfig
 from arjax.sampling import var as var_sampling
 from arjax.tokenizers.msvq import MSVQConfig, MultiScaleVQVAE
-from arjax.train import TrainState
+from arjax.train import init_state
 
 PATCH = (1, 2, 3)
 VAE_CFG = MSVQConfig(codebook_size=6, codebook_dim=4, patch_nums=PATCH, ch=8, ch_mult=(1, 2),
@@ -222,9 +222,9 @@ def test_csd_step_updates_both_networks_and_the_ema_deterministically():
     step = jax.jit(make_csd_step(graphdef, spec, tx, tx, guide_updates=2, copies=2,
                                  t_range=(0.02, 1.0), ema_decay=0.9))
     both = {"gen": params, "guide": params}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=both,
-                       opt_state={"gen": tx.init(params), "guide": tx.init(params)},
-                       key=jax.random.key_data(jax.random.key(0)), ema=params)
+    state = init_state(both, {"gen": tx, "guide": tx}, 0, ema="gen")
+    assert set(state.opt_state) == {"gen", "guide"}
+    jax.tree.map(np.testing.assert_array_equal, state.ema, params)
     frozen = {"teacher": teacher[1], "tokenizer": vae[1]}
     batch = {"label": LABELS}
     new, metrics = step(state, batch, frozen)
