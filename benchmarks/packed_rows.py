@@ -94,8 +94,9 @@ def build():
     source, library = os.path.join(folder, "rows.cc"), os.path.join(folder, "rows.so")
     with open(source, "w") as f:
         f.write(SOURCE)
-    subprocess.run(["g++", "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w",
-                    f"-I{jax.ffi.include_dir()}", source, "-o", library], check=True)
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
+    subprocess.run(["g++", *flags, f"-I{jax.ffi.include_dir()}", source, "-o", library],
+                   check=True)
     handler = ctypes.cdll.LoadLibrary(library).PackedRows
     jax.ffi.register_ffi_target("arjax_packed_rows", jax.ffi.pycapsule(handler),
                                 platform="cpu")
