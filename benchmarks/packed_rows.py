@@ -7,7 +7,8 @@ rows (`benchmarks.few_row_gemm`). This kernel takes the weights packed once as
 [N / 16, K, 16] (16-column panels, each contiguous: the prefetcher streams it) and keeps 16
 rows x 16 columns of accumulators in AVX-512 registers: per k, one 64-byte load of weights and
 16 fused multiply-adds with the rows' values broadcast from a transposed copy of x (the
-compiled loop is exactly that: one `vmovups` and 16 `vfmadd231ps` with broadcast operands).
+compiled loop is exactly that: one `vmovups` and 16 `vfmadd231ps` with broadcast operands),
+prefetching the panel 4 KB ahead.
 Two threads split the panels. `build()` compiles it with the system's g++ (-O3 -march=native)
 into a temporary directory and registers it; None without a compiler.
 """
@@ -41,6 +42,7 @@ static void panels(const float* xt, const float* w, float* y, int64_t mb, int64_
     v16 acc[R];
     for (int i = 0; i < R; ++i) acc[i] = (v16){};
     for (int64_t k = 0; k < K; ++k) {
+      __builtin_prefetch(wp + (k + 64) * 16);
       v16 wv = *reinterpret_cast<const v16u*>(wp + k * 16);
       const float* xk = xt + k * R;
 #pragma GCC unroll 16
