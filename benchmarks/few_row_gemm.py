@@ -7,8 +7,9 @@ step) by every weight matrix once per step, so its floor is the weights' bytes o
 bandwidth. This prints, per row count, the GB/s of weights that XLA:CPU's dot (`x @ W`, and
 the transposed `W^T` layout), a fused multiply-reduce formulation, torch and numpy reach on
 `--mb` of float32 weights (K = 1024), interleaved, median of `--rounds`; and the machine's read
-bandwidth at that size (`benchmarks.harness`). Also a weight-streaming C++ kernel on weights
-packed once (`benchmarks.packed_rows`, not part of arjax; needs g++), checked against numpy.
+bandwidth at that size (`benchmarks.harness`). Also arjax's few-row CPU kernel on weights
+packed once (`arjax.nn.few_rows`, what its decoding uses at 8-16 rows; needs g++), checked
+against numpy.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arjax.nn import few_rows
 from benchmarks import harness
-from benchmarks.packed_rows import build, pack
 
 K = 1024
 
 
-def runs(rows: int, w: np.ndarray, packed_rows=None) -> dict:
+def runs(rows: int, w: np.ndarray) -> dict:
     x = np.random.default_rng(1).normal(size=(rows, K)).astype(np.float32)
     wj, wtj, xj = jnp.asarray(w), jnp.asarray(w.T), jnp.asarray(x)
     dot = jax.jit(lambda x, w: x @ w)
@@ -36,8 +37,8 @@ def runs(rows: int, w: np.ndarray, packed_rows=None) -> dict:
            "xla dot W^T": lambda: dot_t(xj, wtj).block_until_ready(),
            "xla mul-reduce": lambda: fused(xj, wtj).block_until_ready(),
            "numpy": lambda: x @ w}
-    if packed_rows is not None:
-        kernel, panels = jax.jit(packed_rows), jax.block_until_ready(pack(wj))
+    if rows <= max(few_rows.ROWS) and few_rows.available():
+        kernel, panels = jax.jit(few_rows.matmul), jax.block_until_ready(few_rows.pack(wj))
         error = np.abs(np.asarray(kernel(xj, panels)) - x @ w).max() / np.abs(x @ w).max()
         assert error < 1e-5, f"packed kernel differs from numpy by {error:.1e}"
         out["packed kernel"] = lambda: kernel(xj, panels).block_until_ready()
@@ -62,10 +63,9 @@ def main(argv=None) -> None:
     n = int(args.mb * 1e6 / (4 * K)) // 16 * 16
     w = np.random.default_rng(0).normal(size=(K, n)).astype(np.float32)
     harness.calibrate(w.nbytes)
-    packed_rows = build()
     with harness.compete(args.compete):
         for rows in args.rows:
-            times = harness.interleave(runs(rows, w, packed_rows), args.rounds)
+            times = harness.interleave(runs(rows, w), args.rounds)
             rates = {k: w.nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
             print(f"rows {rows}{' (one core busy)' if args.compete else ''}: " + ", ".join(
                 f"{k} {r:.1f}" for k, r in rates.items()) + f" GB/s | load {harness.load()}",

@@ -1,7 +1,7 @@
 """Sampling speed of LlamaGen GPT-B (256 tokens, CFG) vs the official PyTorch, against the floor.
 
     python -m benchmarks.llamagen_sampling [--official /path/to/LlamaGen] [--batches 1 8]
-        [--rounds 3] [--compete] [--torch-threads N]
+        [--rounds 3] [--compete] [--torch-threads N] [--xla-dot]
 
 Both sides run the same random weights (arjax's, exported into the official module through
 `arjax.convert.llamagen`, strict load), guidance 2.0, temperature 1, no top-k/top-p, float32,
@@ -11,13 +11,15 @@ the filled KV cache once (memory) and does 2 FLOPs per weight per row (compute);
 time / floor beside the official ratio. `--compete` keeps one core busy with another process.
 
 The work per token is the same on both sides (KV-cache decoding, CFG's doubled batch, a
-categorical draw over the whole vocabulary); arjax's differences are the compiled loop and
-the cache layout.
+categorical draw over the whole vocabulary); arjax's differences are the compiled loop, the
+cache layout and, at 8-16 rows on CPU, its few-row matmul kernel on weights packed once per
+call (`arjax.nn.few_rows`). `--xla-dot` also times arjax with that kernel off, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -45,13 +47,24 @@ def workload(cfg: RasterARConfig, params, batch: int) -> tuple[float, float]:
     return bytes_read, flops
 
 
-def arjax_run(params, cfg: RasterARConfig, batch: int, warm_up: bool = True):
+def arjax_run(params, cfg: RasterARConfig, batch: int, warm_up: bool = True,
+              kernels: bool = True):
+    """(sampling run, compile seconds); `kernels=False` traces with the few-row CPU kernel
+    off (`ARJAX_CPU_KERNELS=off`: XLA's dot throughout)."""
     graphdef = split(nnx.eval_shape(lambda: RasterAR(cfg, rngs=nnx.Rngs(0))))[0]
     sample_cfg = SampleConfig(cfg=CFG_SCALE)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     params = jax.device_put(params)
-    return harness.compiled_sampler(lambda p, k: sample(graphdef, p, k, labels, sample_cfg),
-                                    params, warm_up=warm_up)
+    previous = os.environ.get("ARJAX_CPU_KERNELS")
+    os.environ["ARJAX_CPU_KERNELS"] = "on" if kernels else "off"
+    try:
+        return harness.compiled_sampler(
+            lambda p, k: sample(graphdef, p, k, labels, sample_cfg), params, warm_up=warm_up)
+    finally:
+        if previous is None:
+            del os.environ["ARJAX_CPU_KERNELS"]
+        else:
+            os.environ["ARJAX_CPU_KERNELS"] = previous
 
 
 def official_run(repo: str, params, cfg: RasterARConfig, batch: int, args):
@@ -87,6 +100,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--official", default=None, help="path to a LlamaGen checkout")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--xla-dot", action="store_true",
+                        help="also time arjax with its few-row CPU kernel off (XLA's dot)")
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     harness.apply(args)
@@ -98,6 +113,8 @@ def main(argv=None) -> None:
     for batch in args.batches:
         ours, compile_s = arjax_run(params, cfg, batch)
         runs = {"arjax": ours}
+        if args.xla_dot:
+            runs["arjax, XLA dot"] = arjax_run(params, cfg, batch, kernels=False)[0]
         if args.official:
             runs["official"] = official_run(args.official, params, cfg, batch, args)
         with harness.compete(args.compete):
@@ -106,6 +123,9 @@ def main(argv=None) -> None:
         floor_s, bound = harness.floor(*workload(cfg, params, batch), machine)
         line = [f"batch {batch}{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
                 f"bound)", *harness.columns(times, floor_s, f" (compile {compile_s:.1f} s)")]
+        if args.xla_dot:
+            line.append(f"arjax, XLA dot {harness.spread(times['arjax, XLA dot'])}, XLA dot / "
+                        f"arjax {harness.ratio(times['arjax, XLA dot'], times['arjax'])}")
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

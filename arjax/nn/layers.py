@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arjax.nn import few_rows
+
 
 class Linear(nnx.Linear):
     """`nnx.Linear` (same parameters and initialisers) applied to the rows of a 2-D view of
@@ -15,11 +17,19 @@ class Linear(nnx.Linear):
     dimensions, which XLA:CPU's matmul kernels do not take, so it first writes the activation
     gradient transposed, fused into its elementwise producer as a strided loop (1.4 s of
     GPT-B's 5.9 s train step on a 2-core CPU; docs/benchmarks.md, issue 14). Over rows the
-    contraction is one dimension and the kernel reads the operand as it lies."""
+    contraction is one dimension and the kernel reads the operand as it lies.
+
+    A decoding sampler may hand it the kernel packed for the few-row CPU matmul
+    (`nn.few_rows.decode_params`: a 3-D kernel), which it then uses."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         rows = inputs.reshape(-1, inputs.shape[-1])
-        out = super().__call__(rows, out_sharding)
+        if self.kernel[...].ndim == 3:
+            out = few_rows.matmul(rows, self.kernel[...])
+            if self.bias is not None:
+                out = out + self.bias[...]
+        else:
+            out = super().__call__(rows, out_sharding)
         return out.reshape(*inputs.shape[:-1], out.shape[-1])
 
 

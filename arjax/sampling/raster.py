@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from arjax.config import check
 from arjax.distill.flow import FlowDraw
 from arjax.models import bind
+from arjax.nn import few_rows
 from arjax.nn.attention import extend_cache
 from arjax.sampling.common import (
     SampleConfig,
@@ -53,6 +54,7 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, cfg: SampleConfi
         labels = jnp.concatenate([labels, jnp.full_like(labels, mcfg.num_classes)])
     rows = labels.shape[0]
     doubled = lambda x: jnp.concatenate([x] * (rows // batch), axis=0)
+    model = bind(graphdef, few_rows.decode_params(params, rows))
 
     def step(t, carry):
         tokens, cache, logprob, passes = carry
