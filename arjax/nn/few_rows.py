@@ -141,8 +141,9 @@ def decode_params(params, rows: int):
     least `MIN_WEIGHTS` entries packed for `matmul` (which `nn.layers.Linear` then uses) when
     rows is in `ROWS`, the kernel is available, `ARJAX_CPU_KERNELS` is not `off` (read when
     the sampler is traced) and no multi-device mesh is in context (the kernel has no sharding
-    rule); otherwise `params` unchanged. Call it inside the jitted
-    sampler, outside the token loop: the packing is one pass over the weights per call."""
+    rule); otherwise `params` unchanged. Call it inside the jitted sampler, outside the token
+    loop: the packing is one pass over the weights per call, and the call holds the packed
+    copy beside the weights."""
     if (rows not in ROWS or os.environ.get("ARJAX_CPU_KERNELS", "on") == "off"
             or jax.sharding.get_abstract_mesh().size > 1):
         return params
