@@ -79,8 +79,8 @@ def test_sigterm_saves_and_exits(tmp_path, devices):
     mesh = sharding.make_mesh((("data", 1),), devices[:1])
 
     def preempt(step, metrics):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if step == 3:  # raised in this (the main) thread: its handler runs before step 4;
+            signal.raise_signal(signal.SIGTERM)  # os.kill may reach a JAX thread, later
 
     with pytest.raises(SystemExit):
         run(mesh, 10, workdir=str(tmp_path), on_log=preempt)
