@@ -186,6 +186,14 @@ def columns(times: dict[str, list[float]], floor_s: float, arjax_note: str = "",
     return out
 
 
+def variant(times: dict[str, list[float]], name: str, compile_s: float | None = None) -> str:
+    """The printed column of an arjax variant timed beside 'arjax': its time (and compile
+    time), and the per-round ratio variant / arjax."""
+    compiled = "" if compile_s is None else f" (compile {compile_s:.1f} s)"
+    return (f"{name} {spread(times[name])}{compiled}, {name} / arjax "
+            f"{ratio(times[name], times['arjax'])}")
+
+
 @contextlib.contextmanager
 def compete(enabled: bool = True):
     """A process spinning on one core for the duration (the shared-machine condition)."""

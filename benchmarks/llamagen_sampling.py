@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -55,16 +56,9 @@ def arjax_run(params, cfg: RasterARConfig, batch: int, warm_up: bool = True,
     sample_cfg = SampleConfig(cfg=CFG_SCALE)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     params = jax.device_put(params)
-    previous = os.environ.get("ARJAX_CPU_KERNELS")
-    os.environ["ARJAX_CPU_KERNELS"] = "on" if kernels else "off"
-    try:
+    with mock.patch.dict(os.environ, ARJAX_CPU_KERNELS="on" if kernels else "off"):
         return harness.compiled_sampler(
             lambda p, k: sample(graphdef, p, k, labels, sample_cfg), params, warm_up=warm_up)
-    finally:
-        if previous is None:
-            del os.environ["ARJAX_CPU_KERNELS"]
-        else:
-            os.environ["ARJAX_CPU_KERNELS"] = previous
 
 
 def official_run(repo: str, params, cfg: RasterARConfig, batch: int, args):
@@ -124,8 +118,7 @@ def main(argv=None) -> None:
         line = [f"batch {batch}{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
                 f"bound)", *harness.columns(times, floor_s, f" (compile {compile_s:.1f} s)")]
         if args.xla_dot:
-            line.append(f"arjax, XLA dot {harness.spread(times['arjax, XLA dot'])}, XLA dot / "
-                        f"arjax {harness.ratio(times['arjax, XLA dot'], times['arjax'])}")
+            line.append(harness.variant(times, "arjax, XLA dot"))
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

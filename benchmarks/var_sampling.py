@@ -163,9 +163,7 @@ def main(argv=None) -> None:
             line.append(f"arjax unfiltered {harness.spread(plain)}, arjax / unfiltered "
                         f"{harness.ratio(times['arjax'], plain)}")
         if args.scan:
-            line.append(f"arjax scanned {harness.spread(times['arjax scanned'])} (compile "
-                        f"{scan_compile_s:.1f} s), scanned / arjax "
-                        f"{harness.ratio(times['arjax scanned'], times['arjax'])}")
+            line.append(harness.variant(times, "arjax scanned", scan_compile_s))
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

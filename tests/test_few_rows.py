@@ -44,12 +44,14 @@ def test_sampler_on_packed_weights_draws_the_same_tokens(monkeypatch):
     np.testing.assert_allclose(packed[1].logprob, plain[1].logprob, rtol=1e-5, atol=1e-5)
 
 
-def test_nothing_is_packed_outside_8_to_16_rows_or_under_a_mesh(monkeypatch, devices):
+def test_nothing_is_packed_outside_8_to_16_rows_in_bfloat16_or_under_a_mesh(monkeypatch,
+                                                                            devices):
     from arjax import sharding
 
     monkeypatch.setattr(few_rows, "MIN_WEIGHTS", 0)
     params = tiny_gpt()[1]
-    assert few_rows.decode_params(params, 2) is params
-    assert few_rows.decode_params(params, 8) is not params
+    assert few_rows.decode_params(params, 2, "float32") is params
+    assert few_rows.decode_params(params, 8, "bfloat16") is params  # the kernel is float32
+    assert few_rows.decode_params(params, 8, "float32") is not params
     with jax.set_mesh(sharding.make_mesh((("data", 8),), devices)):
-        assert few_rows.decode_params(params, 8) is params
+        assert few_rows.decode_params(params, 8, "float32") is params

@@ -136,15 +136,17 @@ def matmul(x: jax.Array, panels: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), panels)
 
 
-def decode_params(params, rows: int):
+def decode_params(params, rows: int, dtype: str):
     """The parameters a cached decode of `rows` rows runs on: float32 dense kernels of at
     least `MIN_WEIGHTS` entries packed for `matmul` (which `nn.layers.Linear` then uses) when
-    rows is in `ROWS`, the kernel is available, `ARJAX_CPU_KERNELS` is not `off` (read when
+    the model computes in float32 (`dtype`: the kernel is float32), rows is in `ROWS`, the
+    kernel is available, `ARJAX_CPU_KERNELS` is not `off` (read when
     the sampler is traced) and no multi-device mesh is in context (the kernel has no sharding
     rule); otherwise `params` unchanged. Call it inside the jitted sampler, outside the token
     loop: the packing is one pass over the weights per call, and the call holds the packed
     copy beside the weights."""
-    if (rows not in ROWS or os.environ.get("ARJAX_CPU_KERNELS", "on") == "off"
+    if (dtype != "float32" or rows not in ROWS
+            or os.environ.get("ARJAX_CPU_KERNELS", "on") == "off"
             or jax.sharding.get_abstract_mesh().size > 1):
         return params
     packable = lambda path, a: (jax.tree_util.keystr(path).endswith("['kernel']")

@@ -23,9 +23,9 @@ class Linear(nnx.Linear):
     (`nn.few_rows.decode_params`: a 3-D kernel), which it then uses."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        rows = inputs.reshape(-1, inputs.shape[-1])
-        if self.kernel[...].ndim == 3:
-            out = few_rows.matmul(rows, self.kernel[...])
+        rows, kernel = inputs.reshape(-1, inputs.shape[-1]), self.kernel[...]
+        if kernel.ndim == 3:
+            out = few_rows.matmul(rows, kernel)
             if self.bias is not None:
                 out = out + self.bias[...]
         else:

@@ -85,12 +85,21 @@ def run_blocks(blocks: Sequence[nnx.Module], call: Callable, h, *per_block: Sequ
         for i, block in enumerate(blocks):
             h = run(block, h, *(inputs[i] for inputs in per_block))
         return h
-    graphdef, _ = nnx.split(blocks[0])
-    weights = [nnx.to_pure_dict(nnx.state(block)) for block in blocks]
-    xs = jax.tree.map(lambda *a: jnp.stack(a), *zip(weights, *per_block))
+    graphdef, weights = _stacked_weights(blocks)
+    xs = (weights, *(_stack(list(inputs)) for inputs in per_block))
     run = stacked(remat, call, prevent_cse=False)
     step = lambda h, x: (run(nnx.merge(graphdef, x[0], copy=False), h, *x[1:]), None)
     return jax.lax.scan(step, h, xs)[0]
+
+
+def _stack(trees: Sequence):
+    """Equal pytrees -> one pytree of arrays with a leading axis over them (`lax.scan`'s xs)."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _stacked_weights(blocks: Sequence[nnx.Module]):
+    """(graphdef of one block, the blocks' weights stacked): what a scan over them merges."""
+    return nnx.split(blocks[0])[0], _stack([nnx.to_pure_dict(nnx.state(b)) for b in blocks])
 
 
 def decode_blocks(blocks: Sequence[nnx.Module], caches: Sequence, call: Callable, h,
@@ -112,10 +121,8 @@ def decode_blocks(blocks: Sequence[nnx.Module], caches: Sequence, call: Callable
             new.append(cache)
         return constrain_batch(h), new
     begin, end = span
-    graphdef, _ = nnx.split(blocks[0])
-    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-    weights = stack([nnx.to_pure_dict(nnx.state(block)) for block in blocks])
-    filled = stack([jax.tree.map(lambda a: a[:, :, :end], cache) for cache in caches])
+    graphdef, weights = _stacked_weights(blocks)
+    filled = _stack([jax.tree.map(lambda a: a[:, :, :end], cache) for cache in caches])
 
     def step(h, x):
         h, cache = call(nnx.merge(graphdef, x[0], copy=False), constrain_batch(h), x[1])

@@ -54,7 +54,7 @@ def sample(graphdef, params, key: jax.Array, labels: jax.Array, cfg: SampleConfi
         labels = jnp.concatenate([labels, jnp.full_like(labels, mcfg.num_classes)])
     rows = labels.shape[0]
     doubled = lambda x: jnp.concatenate([x] * (rows // batch), axis=0)
-    model = bind(graphdef, few_rows.decode_params(params, rows))
+    model = bind(graphdef, few_rows.decode_params(params, rows, mcfg.dtype))
 
     def step(t, carry):
         tokens, cache, logprob, passes = carry
