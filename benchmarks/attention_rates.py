@@ -5,7 +5,8 @@ shape (680 tokens, 16 heads of 64, the block-causal scale mask), float32.
                                          [--torch-threads N]
 
 Times, interleaved, the forward and the forward + backward (gradients of q, k, v) of
-arjax's `attend` (jitted: einsum, masked float32 softmax, einsum, so XLA writes the
+arjax's `attend` (jitted; on the CPU its fused kernel, `arjax.nn.cpu_attention`), of the same
+with that kernel off ("XLA ops": einsum, masked float32 softmax, einsum, so XLA writes the
 [B, 16, 680, 680] logits and probabilities) and of `F.scaled_dot_product_attention` with the
 same mask as an additive bias (the official VAR's attention on CPU, whose kernel works on
 blocks of queries and keys and never writes them whole). The floor is the two matmuls'
@@ -16,7 +17,9 @@ faults per call (`getrusage`), i.e. freshly touched output and scratch memory.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +59,18 @@ def main(argv=None) -> None:
 
     heads_major = lambda x: x.transpose(0, 2, 1, 3)
     jmask = jnp.asarray(mask)
-    forward = jax.jit(lambda q, k, v: attend(q, heads_major(k), heads_major(v), jmask))
-    backward = jax.jit(jax.grad(lambda q, k, v, g: jnp.sum(forward(q, k, v) * g), (0, 1, 2)))
     jq, jk, jv, jg = (jnp.asarray(x) for x in (q, k, v, g))
+
+    def jitted(kernels: bool):
+        """attend's forward and gradient, compiled with the fused CPU kernel on or off."""
+        with mock.patch.dict(os.environ, ARJAX_CPU_KERNELS="on" if kernels else "off"):
+            fwd = lambda q, k, v: attend(q, heads_major(k), heads_major(v), jmask)
+            bwd = jax.grad(lambda q, k, v, g: jnp.sum(fwd(q, k, v) * g), (0, 1, 2))
+            return (jax.jit(fwd).lower(jq, jk, jv).compile(),
+                    jax.jit(bwd).lower(jq, jk, jv, jg).compile())
+
+    forward, backward = jitted(True)
+    xla_forward, xla_backward = jitted(False)
 
     tq, tk, tv, tg = (torch.from_numpy(heads_major(x).copy()) for x in (q, k, v, g))
     bias = torch.where(torch.from_numpy(mask), 0.0, float("-inf"))
@@ -74,9 +86,13 @@ def main(argv=None) -> None:
 
     np.testing.assert_allclose(np.asarray(forward(jq, jk, jv)),
                                heads_major(torch_forward().numpy()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(xla_forward(jq, jk, jv)), np.asarray(forward(jq, jk, jv)),
+                               rtol=1e-4, atol=1e-4)
     calls = {"jax forward": lambda: jax.block_until_ready(forward(jq, jk, jv)),
+             "jax forward, XLA ops": lambda: jax.block_until_ready(xla_forward(jq, jk, jv)),
              "torch forward": torch_forward,
              "jax forward+backward": lambda: jax.block_until_ready(backward(jq, jk, jv, jg)),
+             "jax fwd+bwd, XLA ops": lambda: jax.block_until_ready(xla_backward(jq, jk, jv, jg)),
              "torch forward+backward": torch_backward}
     faults = {name: [] for name in calls}
     runs = {name: with_faults(fn, faults[name]) for name, fn in calls.items()}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arjax.nn import cpu_attention
 from arjax.nn.layers import Linear
 from arjax.nn.rope import apply_rope
 
@@ -38,11 +39,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 
     The queries are scaled, moved heads-major and each group's queries stacked as rows, so
     both matmuls are plain [B*K]-batched ones: XLA:CPU took 1.5-1.9x as long with 5-D
-    einsums over (b, t, k, g) (`benchmarks.attention_rates`, docs/benchmarks.md)."""
+    einsums over (b, t, k, g) (`benchmarks.attention_rates`, docs/benchmarks.md). On the CPU,
+    float32 without dropout, the fused kernel of `nn.cpu_attention` computes the same."""
     b, t, h, d = q.shape
     kv, g = k.shape[1], h // k.shape[1]
     q = q * jnp.asarray(d**-0.5 if scale is None else scale, q.dtype)
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    out = _fused(q, k, v, mask) if dropout is None or dropout[1] == 0 else None
+    if out is None:
+        out = _unfused(q, k, v, mask, g, dropout)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _fused(q, k, v, mask):
+    """`nn.cpu_attention` on q [B, K, M, d] (M = g x T rows), or None where it does not
+    apply."""
+    b, kv, m, d = q.shape
+    flat = lambda x: x.reshape(b * kv, x.shape[2], d)
+    if not cpu_attention.usable(flat(q), flat(k), flat(v)):
+        return None
+    s = k.shape[2]
+    mask = jnp.ones((1, m, s), jnp.uint8) if mask is None else mask.astype(jnp.uint8)
+    mask = mask.reshape(-1, *mask.shape[-2:])
+    return cpu_attention.attention(flat(q), flat(k), flat(v), mask, b).reshape(b, kv, m, d)
+
+
+def _unfused(q, k, v, mask, g, dropout):
     logits = jnp.einsum("bkmd,bksd->bkms", q, k).astype(jnp.float32)
     if mask is not None:  # rows (g, t) as the queries'
         mask = jnp.tile(mask, (1,) * (mask.ndim - 2) + (g, 1))
@@ -52,9 +74,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     if dropout is not None and dropout[1] > 0:
         probs = jnp.where(jax.random.bernoulli(dropout[0], 1 - dropout[1], probs.shape),
                           probs / (1 - dropout[1]), 0.0)
-    probs = probs.astype(v.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v)
-    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
 
 
 class Attention(nnx.Module):

@@ -10,23 +10,18 @@ sampler packs only for 8-16 rows (`decode_params`).
 
 The kernel keeps 16 rows x 16 columns of float32 accumulators in AVX-512 registers (one
 64-byte weight load and 16 broadcast FMAs per k, prefetching 4 KB ahead) and splits the panels
-over two threads. It is compiled with the system's g++ (-O3 -march=native) into a temporary
-directory the first time a process needs it; without a compiler, off the CPU backend, under a
-multi-device mesh or with `ARJAX_CPU_KERNELS=off`, nothing is packed and XLA's dot runs.
+over two threads. It is built by `nn.cpu_kernels` the first time a process needs it; where
+`cpu_kernels.wanted()` says no or it cannot be built, nothing is packed and XLA's dot runs.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 
 import jax
 import jax.numpy as jnp
+
+from arjax.nn import cpu_kernels
 
 PANEL = 16  # columns per packed panel
 ROWS = (8, 16)  # rows (2 x batch with CFG) for which decoding packs its weights
@@ -96,22 +91,7 @@ TARGET = "arjax_few_rows"
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered in this process (built on the first call)."""
-    if jax.default_backend() != "cpu" or shutil.which("g++") is None:
-        return False
-    folder = tempfile.mkdtemp(prefix="arjax-kernels-")
-    source, library = os.path.join(folder, "few_rows.cc"), os.path.join(folder, "few_rows.so")
-    with open(source, "w") as f:
-        f.write(SOURCE)
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
-    built = subprocess.run(["g++", *flags, f"-I{jax.ffi.include_dir()}", source, "-o", library],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        warnings.warn(f"arjax: the few-row CPU kernel did not build; XLA's dot is used "
-                      f"instead ({built.stderr.strip().splitlines()[-1:]})", stacklevel=2)
-        return False
-    handler = ctypes.cdll.LoadLibrary(library).FewRows
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-    return True
+    return cpu_kernels.build("few_rows", SOURCE, (("FewRows", TARGET),))
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -140,14 +120,11 @@ def decode_params(params, rows: int, dtype: str):
     """The parameters a cached decode of `rows` rows runs on: float32 dense kernels of at
     least `MIN_WEIGHTS` entries packed for `matmul` (which `nn.layers.Linear` then uses) when
     the model computes in float32 (`dtype`: the kernel is float32), rows is in `ROWS`, the
-    kernel is available, `ARJAX_CPU_KERNELS` is not `off` (read when
-    the sampler is traced) and no multi-device mesh is in context (the kernel has no sharding
-    rule); otherwise `params` unchanged. Call it inside the jitted sampler, outside the token
+    kernel is available and `cpu_kernels.wanted()` (read when the sampler is traced);
+    otherwise `params` unchanged. Call it inside the jitted sampler, outside the token
     loop: the packing is one pass over the weights per call, and the call holds the packed
     copy beside the weights."""
-    if (dtype != "float32" or rows not in ROWS
-            or os.environ.get("ARJAX_CPU_KERNELS", "on") == "off"
-            or jax.sharding.get_abstract_mesh().size > 1):
+    if dtype != "float32" or rows not in ROWS or not cpu_kernels.wanted():
         return params
     packable = lambda path, a: (jax.tree_util.keystr(path).endswith("['kernel']")
                                 and a.ndim == 2 and a.dtype == jnp.float32
