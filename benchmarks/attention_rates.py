@@ -17,9 +17,7 @@ faults per call (`getrusage`), i.e. freshly touched output and scratch memory.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +61,7 @@ def main(argv=None) -> None:
 
     def jitted(kernels: bool):
         """attend's forward and gradient, compiled with the fused CPU kernel on or off."""
-        with mock.patch.dict(os.environ, ARJAX_CPU_KERNELS="on" if kernels else "off"):
+        with harness.kernels(kernels):
             fwd = lambda q, k, v: attend(q, heads_major(k), heads_major(v), jmask)
             bwd = jax.grad(lambda q, k, v, g: jnp.sum(fwd(q, k, v) * g), (0, 1, 2))
             return (jax.jit(fwd).lower(jq, jk, jv).compile(),

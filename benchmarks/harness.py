@@ -10,6 +10,7 @@
   drift and co-running load hit both; `spread` prints median and min-max.
 - `compete`: a busy process on one core for the run, the "shared machine" condition.
 - `compiled`: ahead-of-time compilation, timed alone (a first call's time adds one run).
+- `kernels`: arjax's CPU kernels on or off while tracing (`--xla-ops` times both).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +237,15 @@ def add_arguments(parser: argparse.ArgumentParser, rounds: int = 3) -> None:
     parser.add_argument("--torch-compile", action="store_true",
                         help="torch.compile the official model (fullgraph, as LlamaGen's "
                         "sample_c2i.py --compile; needs a C++ compiler), compiled in its warm-up")
+    parser.add_argument("--xla-ops", action="store_true",
+                        help="also time arjax with its CPU kernels off (ARJAX_CPU_KERNELS=off: "
+                        "XLA's own dot and attention ops)")
+
+
+def kernels(on: bool):
+    """Context in which arjax traces with its CPU kernels (`arjax.nn.cpu_kernels`) on or off:
+    enter it around tracing / compiling, which is when the switch is read."""
+    return mock.patch.dict(os.environ, ARJAX_CPU_KERNELS="on" if on else "off")
 
 
 def apply(args: argparse.Namespace) -> None:

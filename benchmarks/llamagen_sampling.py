@@ -1,7 +1,7 @@
 """Sampling speed of LlamaGen GPT-B (256 tokens, CFG) vs the official PyTorch, against the floor.
 
     python -m benchmarks.llamagen_sampling [--official /path/to/LlamaGen] [--batches 1 8]
-        [--rounds 3] [--compete] [--torch-threads N] [--xla-dot]
+        [--rounds 3] [--compete] [--torch-threads N] [--xla-ops]
 
 Both sides run the same random weights (arjax's, exported into the official module through
 `arjax.convert.llamagen`, strict load), guidance 2.0, temperature 1, no top-k/top-p, float32,
@@ -13,16 +13,14 @@ time / floor beside the official ratio. `--compete` keeps one core busy with ano
 The work per token is the same on both sides (KV-cache decoding, CFG's doubled batch, a
 categorical draw over the whole vocabulary); arjax's differences are the compiled loop, the
 cache layout and, at 8-16 rows on CPU, its few-row matmul kernel on weights packed once per
-call (`arjax.nn.few_rows`). `--xla-dot` also times arjax with that kernel off, interleaved.
+call (`arjax.nn.few_rows`). `--xla-ops` also times arjax with its CPU kernels off, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -50,13 +48,13 @@ def workload(cfg: RasterARConfig, params, batch: int) -> tuple[float, float]:
 
 def arjax_run(params, cfg: RasterARConfig, batch: int, warm_up: bool = True,
               kernels: bool = True):
-    """(sampling run, compile seconds); `kernels=False` traces with the few-row CPU kernel
-    off (`ARJAX_CPU_KERNELS=off`: XLA's dot throughout)."""
+    """(sampling run, compile seconds); `kernels=False` traces with arjax's CPU kernels off
+    (XLA's dot throughout)."""
     graphdef = split(nnx.eval_shape(lambda: RasterAR(cfg, rngs=nnx.Rngs(0))))[0]
     sample_cfg = SampleConfig(cfg=CFG_SCALE)
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
     params = jax.device_put(params)
-    with mock.patch.dict(os.environ, ARJAX_CPU_KERNELS="on" if kernels else "off"):
+    with harness.kernels(kernels):
         return harness.compiled_sampler(
             lambda p, k: sample(graphdef, p, k, labels, sample_cfg), params, warm_up=warm_up)
 
@@ -94,8 +92,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--official", default=None, help="path to a LlamaGen checkout")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--xla-dot", action="store_true",
-                        help="also time arjax with its few-row CPU kernel off (XLA's dot)")
     harness.add_arguments(parser)
     args = parser.parse_args(argv)
     harness.apply(args)
@@ -107,8 +103,8 @@ def main(argv=None) -> None:
     for batch in args.batches:
         ours, compile_s = arjax_run(params, cfg, batch)
         runs = {"arjax": ours}
-        if args.xla_dot:
-            runs["arjax, XLA dot"] = arjax_run(params, cfg, batch, kernels=False)[0]
+        if args.xla_ops:
+            runs["arjax, XLA ops"] = arjax_run(params, cfg, batch, kernels=False)[0]
         if args.official:
             runs["official"] = official_run(args.official, params, cfg, batch, args)
         with harness.compete(args.compete):
@@ -117,8 +113,8 @@ def main(argv=None) -> None:
         floor_s, bound = harness.floor(*workload(cfg, params, batch), machine)
         line = [f"batch {batch}{harness.condition(args)}: floor {floor_s:.2f} s ({bound}-"
                 f"bound)", *harness.columns(times, floor_s, f" (compile {compile_s:.1f} s)")]
-        if args.xla_dot:
-            line.append(harness.variant(times, "arjax, XLA dot"))
+        if args.xla_ops:
+            line.append(harness.variant(times, "arjax, XLA ops"))
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

@@ -5,7 +5,7 @@ same process, interleaved, against the floor. GPT-B (256 tokens) against LlamaGe
     python -m benchmarks.train_step_official --official /path/to/LlamaGen [--model gpt_B]
     python -m benchmarks.train_step_official --official /path/to/VAR --model var_d16
     python -m benchmarks.train_step_official --official /path/to/FlowAR --model flowar_S
-        [--rounds 5] [--steps 2] [--batch 4] [--compete] [--torch-threads N]
+        [--rounds 5] [--steps 2] [--batch 4] [--compete] [--torch-threads N] [--xla-ops]
 
 arjax runs the experiment's own step (`plan_stage` of `llamagen_imagenet` / `var_imagenet`:
 model, loss, AdamW with the preset's betas / weight decay / gradient clip), jitted with
@@ -22,7 +22,8 @@ AdamW betas (0.9, 0.95), weight decay 0.02, then the EMA update (rate 0.9999) as
 loop does after each step (arjax's preset keeps the EMA too; arjax samples the latents from
 cached posterior moments inside its step, the official code gets them from the VAE outside).
 All: fused=False, foreach as torch chooses. The compute floor counts 6 FLOPs per matmul
-weight per token (forward + backward) plus attention.
+weight per token (forward + backward) plus attention. `--xla-ops` also times arjax's step
+compiled with its CPU kernels off (XLA's own attention ops), interleaved.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ MODELS = {"gpt_B": PRESETS["gpt"], "var_d16": PRESETS["var"],  # those with an o
           "flowar_S": PRESETS["flowar"]}
 
 
-def arjax_step(model: str, batch: int):
+def arjax_step(model: str, batch: int, kernels: bool = True):
+    """(step run, stage, compile seconds, {"state"}); `kernels=False`: compiled with arjax's
+    CPU kernels off."""
     import importlib
 
     module, preset = MODELS[model]
     exp = importlib.import_module(f"experiments.{module}")
     stage = exp.plan_stage(exp.PRESETS[preset])
-    compiled, compile_s = compiled_step(stage, batch)
+    with harness.kernels(kernels):
+        compiled, compile_s = compiled_step(stage, batch)
     state, data = initial_inputs(stage, batch)
     holder = {"state": state}
 
@@ -175,9 +179,12 @@ def main(argv=None) -> None:
     ema_rate = stage.stage.ema_decay or None
     theirs = official_step(args.model, args.official, args.batch, cfg, args, ema_rate)
     repeat = lambda fn: (lambda: [fn() for _ in range(args.steps)])
+    runs = {"arjax": repeat(ours), "official": repeat(theirs)}
+    if args.xla_ops:
+        xla_run, _, xla_compile_s, _ = arjax_step(args.model, args.batch, kernels=False)
+        runs["arjax, XLA ops"] = repeat(xla_run)
     with harness.compete(args.compete):
-        times = harness.interleave({"arjax": repeat(ours), "official": repeat(theirs)},
-                                   args.rounds)
+        times = harness.interleave(runs, args.rounds)
         busy = harness.load()
     flops = flops_per_step(args.model, cfg, params, args.batch)
     floor_s, bound = harness.floor(0, flops, machine)
@@ -186,6 +193,8 @@ def main(argv=None) -> None:
             f"{harness.condition(args)}: "
             f"floor {floor_s:.2f} s ({bound}-bound, {flops / 1e12:.2f} TFLOP)",
             *harness.columns(per_step, floor_s, f" (compile {compile_s:.0f} s)")]
+    if args.xla_ops:
+        line.append(harness.variant(per_step, "arjax, XLA ops", xla_compile_s))
     print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

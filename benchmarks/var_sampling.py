@@ -2,7 +2,7 @@
 PyTorch VAR, same weights, same process, against the floor.
 
     python -m benchmarks.var_sampling [--official /path/to/VAR] [--batches 1 8] [--depth 16]
-        [--rounds 3] [--compete] [--torch-threads N] [--unfiltered] [--scan]
+        [--rounds 3] [--compete] [--torch-threads N] [--unfiltered] [--scan] [--xla-ops]
 
 `--official` points at a checkout of FoundationVision/VAR (not part of arjax; needs
 `huggingface_hub`); its `autoregressive_infer_cfg` + `fhat_to_img` run the weights arjax drew
@@ -17,7 +17,8 @@ Disclosed: arjax finds the top-k / top-p cut-offs by a radix select over the voc
 official code sorts it; the same law, less work). `--unfiltered` also times arjax's sampler
 with top-k and top-p off, interleaved with the rest: the difference is what the filter costs.
 `--scan` also times arjax with `scan_layers` on (each scale's cached decode one `lax.scan`
-over the blocks), interleaved, with its own compile time.
+over the blocks), interleaved, with its own compile time; `--xla-ops` the same with arjax's
+CPU kernels off (its fused attention, `arjax.nn.cpu_attention`).
 """
 
 from __future__ import annotations
@@ -62,17 +63,18 @@ def modules(depth: int):
 
 
 def arjax_sample_run(var, vae, batch: int, sample: var_sampling.VARSampleConfig = SAMPLE,
-                     warm_up: bool = True):
-    """(sample run, compile seconds)."""
+                     warm_up: bool = True, kernels: bool = True):
+    """(sample run, compile seconds); `kernels=False`: traced with arjax's CPU kernels off."""
     (var_fn, params), (vae_fn, vae_params) = var, vae
     graphdef = split(nnx.eval_shape(var_fn))[0]
     vae_graphdef = split(nnx.eval_shape(vae_fn))[0]
     params, vae_params = jax.device_put((params, vae_params))
     labels = jnp.arange(batch, dtype=jnp.int32) % 1000
-    return harness.compiled_sampler(
-        lambda p, vp, k: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
-                                             sample).images, params, vae_params,
-        warm_up=warm_up)
+    with harness.kernels(kernels):
+        return harness.compiled_sampler(
+            lambda p, vp, k: var_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
+                                                 sample).images, params, vae_params,
+            warm_up=warm_up)
 
 
 def arjax_decode_run(vae, batch: int):
@@ -144,6 +146,9 @@ def main(argv=None) -> None:
             scanned = lambda: VAR(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0))
             runs["arjax scanned"], scan_compile_s = arjax_sample_run((scanned, var[1]), vae,
                                                                      batch)
+        if args.xla_ops:
+            runs["arjax, XLA ops"], xla_compile_s = arjax_sample_run(var, vae, batch,
+                                                                     kernels=False)
         if args.official:
             runs["official"], runs["official decode"] = official_runs(
                 args.official, args.depth, var, vae, batch)
@@ -164,6 +169,8 @@ def main(argv=None) -> None:
                         f"{harness.ratio(times['arjax'], plain)}")
         if args.scan:
             line.append(harness.variant(times, "arjax scanned", scan_compile_s))
+        if args.xla_ops:
+            line.append(harness.variant(times, "arjax, XLA ops", xla_compile_s))
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax.nn import cpu_attention
+from arjax.nn import cpu_attention, cpu_kernels
 from arjax.nn.attention import attend
 from arjax.nn.scales import block_causal_mask
 
@@ -68,12 +68,57 @@ def test_block_causal_training_shape():
                                compiled(False, fwd, q, k, v)(q, k, v), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("case", ["bfloat16", "few rows", "dropout", "kernels off"])
+def test_dropout_law_and_its_gradient():
+    """With v the identity the output is the dropped probabilities themselves: each kept one
+    is the plain probability / (1 - rate), about `rate` of them are dropped, another key
+    draws another pattern, and the gradients are those of attention under that fixed
+    pattern."""
+    rate, (b, t, h, s) = 0.3, (2, 32, 4, 16)
+    q, k, _, g = operands(b, t, h, h, s, 16, seed=5)
+    v = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32), (b, h, s, s))
+    fwd = lambda q, k, v, key: attend(q, k, v, None, dropout=(key, rate))
+    program = compiled(True, fwd, q, k, v, jax.random.key(0))
+    assert cpu_attention.FORWARD in program.as_text()
+    dropped = program(q, k, v, jax.random.key(0))
+    plain = compiled(False, lambda q, k, v: attend(q, k, v, None), q, k, v)(q, k, v)
+    keep = dropped != 0
+    np.testing.assert_allclose(jnp.where(keep, plain / (1 - rate), 0.0), dropped, rtol=1e-5,
+                               atol=1e-7)
+    n = keep.size
+    assert abs(float(n - keep.sum()) - rate * n) < 5 * (n * rate * (1 - rate)) ** 0.5
+    other = compiled(True, fwd, q, k, v, jax.random.key(1))(q, k, v, jax.random.key(1))
+    assert float(jnp.mean((other != 0) != keep)) > 0.2
+
+    factor = jnp.where(keep, 1 / (1 - rate), 0.0).transpose(0, 2, 1, 3)  # [b, h, t, s]
+
+    def fixed(q, k, v):  # attention with that pattern, in XLA's ops
+        logits = jnp.einsum("bthd,bhsd->bhts", q, k) * 16**-0.5
+        return jnp.einsum("bhts,bhsd->bthd", jax.nn.softmax(logits, -1) * factor, v)
+
+    loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * g))
+    key = jax.random.key(0)
+    got = compiled(True, jax.grad(loss(lambda q, k, v: fwd(q, k, v, key)), (0, 1, 2)),
+                   q, k, v)(q, k, v)
+    want = jax.grad(loss(fixed), (0, 1, 2))(q, k, v)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "few rows", "kernels off"])
 def test_xla_ops_where_the_kernel_does_not_apply(case):
     q, k, v, _ = operands(2, 4 if case == "few rows" else 20, 2, 2, 20, 16)
     if case == "bfloat16":
         q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    dropout = (jax.random.key(0), 0.1) if case == "dropout" else None
-    program = compiled(case != "kernels off",
-                       lambda q, k, v: attend(q, k, v, None, dropout=dropout), q, k, v)
+    program = compiled(case != "kernels off", lambda q, k, v: attend(q, k, v, None), q, k, v)
     assert cpu_attention.FORWARD not in program.as_text()
+
+
+def test_built_library_is_kept_for_the_next_process(monkeypatch, tmp_path):
+    """The kernel this process built is in the cache folder under a name that hashes its
+    source (an edited kernel is never loaded from an older build)."""
+    path = cpu_kernels.library_path("cpu_attention", cpu_attention.source(), cpu_attention.FLAGS)
+    assert os.path.exists(path)
+    assert path != cpu_kernels.library_path("cpu_attention", cpu_attention.source() + "\n",
+                                            cpu_attention.FLAGS)
+    monkeypatch.setenv("ARJAX_KERNEL_CACHE", str(tmp_path))
+    assert cpu_kernels.library_path("x", "").startswith(str(tmp_path))

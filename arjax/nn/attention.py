@@ -39,29 +39,34 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 
     The queries are scaled, moved heads-major and each group's queries stacked as rows, so
     both matmuls are plain [B*K]-batched ones: XLA:CPU took 1.5-1.9x as long with 5-D
-    einsums over (b, t, k, g) (`benchmarks.attention_rates`, docs/benchmarks.md). On the CPU,
-    float32 without dropout, the fused kernel of `nn.cpu_attention` computes the same."""
+    einsums over (b, t, k, g) (`benchmarks.attention_rates`, docs/benchmarks.md). On the CPU
+    in float32 the fused kernel of `nn.cpu_attention` computes the same (its dropout draws
+    differ from `jax.random.bernoulli`'s, with the same law)."""
     b, t, h, d = q.shape
     kv, g = k.shape[1], h // k.shape[1]
     q = q * jnp.asarray(d**-0.5 if scale is None else scale, q.dtype)
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    out = _fused(q, k, v, mask) if dropout is None or dropout[1] == 0 else None
+    out = _fused(q, k, v, mask, dropout)
     if out is None:
         out = _unfused(q, k, v, mask, g, dropout)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _fused(q, k, v, mask):
+def _fused(q, k, v, mask, dropout):
     """`nn.cpu_attention` on q [B, K, M, d] (M = g x T rows), or None where it does not
     apply."""
     b, kv, m, d = q.shape
     flat = lambda x: x.reshape(b * kv, x.shape[2], d)
+    rate = 0.0 if dropout is None else dropout[1]
     if not cpu_attention.usable(flat(q), flat(k), flat(v)):
         return None
     s = k.shape[2]
     mask = jnp.ones((1, m, s), jnp.uint8) if mask is None else mask.astype(jnp.uint8)
     mask = mask.reshape(-1, *mask.shape[-2:])
-    return cpu_attention.attention(flat(q), flat(k), flat(v), mask, b).reshape(b, kv, m, d)
+    seed = (jnp.zeros(2, jnp.uint32) if rate == 0
+            else jax.random.bits(dropout[0], (2,), jnp.uint32))
+    return cpu_attention.attention(flat(q), flat(k), flat(v), mask, seed, b,
+                                   float(rate)).reshape(b, kv, m, d)
 
 
 def _unfused(q, k, v, mask, g, dropout):

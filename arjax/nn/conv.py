@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arjax.nn.attention import attend
 from arjax.nn.policy import conv_kwargs
 
 
@@ -27,8 +28,7 @@ def group_norm(c, groups, rngs):
 
 def spatial_attention(q, k, v):
     """Single-head attention over positions: q/k/v [B, N, C]; logits in float32."""
-    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
-    return jnp.einsum("bij,bjc->bic", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    return attend(q[:, :, None], k[:, None], v[:, None], None)[:, :, 0]
 
 
 class ResnetBlock(nnx.Module):

@@ -6,7 +6,9 @@
 // k / v / dk / dv [G][S][D], mask uint8 [Bm][T][S] (Bm 1 or the batch; row m of group g is
 // query t = m % T of batch g / (G / B)), D a multiple of 16. A masked logit is -1e30, as in
 // arjax.nn.attention.attend, so a row with no visible key is uniform over all keys; keys past
-// a block's last visible one are skipped.
+// a block's last visible one are skipped. Dropout (rate > 0) zeroes a probability where a
+// hash of (seed, group, row, key) falls below rate x 2^32 and scales the rest by 1 / (1 -
+// rate); the backward pass recomputes the same keep pattern.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -66,6 +68,28 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
   for (; j < N; j += 16) column_block<1>(M, K, A, ars, acs, B + j, ldb, C + j, ldc, acc);
 }
 
+struct Dropout {
+  uint64_t seed;
+  uint32_t threshold;  // drop where the hash < threshold
+  float scale;         // 1 / (1 - rate)
+  bool on;
+
+  Dropout(ffi::Buffer<ffi::U32> seed_, float rate) {
+    const uint32_t* s = seed_.typed_data();
+    seed = (uint64_t(s[0]) << 32) | s[1];
+    on = rate > 0.0f;
+    threshold = uint32_t(std::min(double(rate) * 4294967296.0, 4294967295.0));
+    scale = on ? 1.0f / (1.0f - rate) : 1.0f;
+  }
+  // The factor (0 or scale) of entry `index` = (group x rows + row) x keys + key.
+  float factor(uint64_t index) const {
+    uint64_t x = seed ^ (index * 0x9E3779B97F4A7C15ull);  // splitmix64's finaliser
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return uint32_t((x ^ (x >> 31)) >> 32) < threshold ? 0.0f : scale;
+  }
+};
+
 struct Problem {
   int64_t G, M, S, D, T, Bm, per_batch, padded;  // padded: S rounded up to 16
   const float *q, *k, *v;
@@ -124,6 +148,7 @@ struct Problem {
     }
     return end;
   }
+  uint64_t entry(int64_t g, int64_t m) const { return uint64_t(g * M + m) * S; }
 };
 
 template <typename F>
@@ -137,9 +162,11 @@ static void over_groups(int64_t G, F work) {
 }
 
 static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask, int64_t batch,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask,
+                          ffi::Buffer<ffi::U32> seed, int64_t batch, float rate,
                           ffi::ResultBuffer<ffi::F32> out) {
   const Problem P(q, k, v, mask, batch);
+  const Dropout drop(seed, rate);
   float* o = out->typed_data();
   over_groups(P.G, [&](int64_t g0, int64_t g1) {
     std::vector<float> kt(P.D * P.padded), p(ROWS * P.padded);
@@ -148,6 +175,9 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       for (int64_t m0 = 0; m0 < P.M; m0 += ROWS) {
         int64_t rows = std::min(ROWS, P.M - m0);
         int64_t end = P.softmax(g, m0, rows, kt.data(), p.data());
+        for (int64_t i = 0; drop.on && i < rows; ++i)
+          for (int64_t j = 0, at = P.entry(g, m0 + i); j < end; ++j)
+            p[i * P.padded + j] *= drop.factor(at + j);
         gemm(rows, P.D, end, p.data(), P.padded, 1, P.v + g * P.S * P.D, P.D,
              o + (g * P.M + m0) * P.D, P.D, false);
       }
@@ -158,10 +188,12 @@ static ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 
 static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask,
-                           ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> dout, int64_t batch,
+                           ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::F32> out,
+                           ffi::Buffer<ffi::F32> dout, int64_t batch, float rate,
                            ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                            ffi::ResultBuffer<ffi::F32> dv) {
   const Problem P(q, k, v, mask, batch);
+  const Dropout drop(seed, rate);
   const float *o = out.typed_data(), *dO = dout.typed_data();
   float *dQ = dq->typed_data(), *dK = dk->typed_data(), *dV = dv->typed_data();
   over_groups(P.G, [&](int64_t g0, int64_t g1) {
@@ -178,16 +210,25 @@ static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         int64_t rows = std::min(ROWS, P.M - m0), at = (g * P.M + m0) * P.D;
         int64_t end = P.softmax(g, m0, rows, kt.data(), p.data());
         int64_t cols = (end + 15) / 16 * 16;
-        // dP = dO V^T; dS = P (dP - rowsum(dO * O)) at visible keys, written over dP.
+        // With F the dropout factors: dP = F dO V^T, dS = P (dP - rowsum(dO * O)) at
+        // visible keys (written over dP), then F P over P.
         gemm(rows, cols, P.D, dO + at, P.D, 1, vt.data(), P.padded, dp.data(), P.padded, false);
         for (int64_t i = 0; i < rows; ++i) {
           float s = 0.0f;
           for (int64_t d = 0; d < P.D; ++d) s += dO[at + i * P.D + d] * o[at + i * P.D + d];
           float *ds = dp.data() + i * P.padded, *pi = p.data() + i * P.padded;
           const uint8_t* visible = P.mask_row(g, m0 + i);  // a masked logit is a constant
-          for (int64_t j = 0; j < end; ++j) ds[j] = visible[j] ? pi[j] * (ds[j] - s) : 0.0f;
+          if (!drop.on) {
+            for (int64_t j = 0; j < end; ++j) ds[j] = visible[j] ? pi[j] * (ds[j] - s) : 0.0f;
+            continue;
+          }
+          for (int64_t j = 0, e = P.entry(g, m0 + i); j < end; ++j) {
+            float f = drop.factor(e + j);
+            ds[j] = visible[j] ? pi[j] * (f * ds[j] - s) : 0.0f;
+            pi[j] *= f;
+          }
         }
-        // dV += P^T dO, dK += dS^T Q, dQ = dS K.
+        // dV += (F P)^T dO, dK += dS^T Q, dQ = dS K.
         gemm(end, P.D, rows, p.data(), 1, P.padded, dO + at, P.D, dvg, P.D, true);
         gemm(end, P.D, rows, dp.data(), 1, P.padded, P.q + at, P.D, dkg, P.D, true);
         gemm(rows, P.D, end, dp.data(), P.padded, 1, kg, P.D, dQ + at, P.D, false);
@@ -203,7 +244,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Attr<int64_t>("batch")
+                                  .Attr<float>("rate")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
@@ -212,9 +255,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("batch")
+                                  .Attr<float>("rate")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -7,7 +7,9 @@ training shape that took 3.6-4.5x torch's fused CPU kernel forward and 2.2-2.4x 
 backward (`benchmarks.attention_rates`, docs/benchmarks.md). The kernel takes 24 query rows
 at a time against the keys up to the block's last visible one, so logits stay in a
 per-thread buffer, and splits the (batch x head) groups over the cores. The backward pass
-recomputes the probabilities (nothing [rows, keys]-sized is kept between the passes).
+recomputes the probabilities (nothing [rows, keys]-sized is kept between the passes), and
+with dropout the same keep pattern, a hash of (seed, group, row, key): the law of
+`jax.random.bernoulli`'s dropout, not its draws.
 
 Semantics are `nn.attention.attend`'s: a masked logit is -1e30, so a row with no visible key
 is uniform over all keys.
@@ -20,6 +22,7 @@ import importlib.resources
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from arjax.nn import cpu_kernels
 
@@ -35,41 +38,46 @@ def usable(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
             and q.shape[1] >= MIN_ROWS and cpu_kernels.wanted() and available())
 
 
+FLAGS = ("-ffast-math",)  # vectorised expf (glibc's libmvec)
+
+
+def source() -> str:
+    return importlib.resources.files("arjax.nn").joinpath("cpu_attention.cc").read_text()
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered in this process (built on the first call)."""
-    source = importlib.resources.files("arjax.nn").joinpath("cpu_attention.cc").read_text()
-    return cpu_kernels.build("cpu_attention", source,
+    return cpu_kernels.build("cpu_attention", source(),
                              (("AttentionForward", FORWARD), ("AttentionBackward", BACKWARD)),
-                             flags=("-ffast-math",))  # vectorised expf (glibc's libmvec)
+                             FLAGS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, batch: int
-              ) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, seed: jax.Array,
+              batch: int, rate: float = 0.0) -> jax.Array:
     """softmax(q k^T masked) v for q [G, M, d] (already scaled), k/v [G, S, d], mask uint8
-    [1 or batch, T, S] (row m of group g is query m % T of batch g // (G // batch))."""
-    return _forward(q, k, v, mask, batch)
+    [1 or batch, T, S] (row m of group g is query m % T of batch g // (G // batch)); with
+    dropout at `rate` on the probabilities, drawn from `seed` (uint32 [2])."""
+    return _forward(q, k, v, mask, seed, batch, rate)
 
 
-def _forward(q, k, v, mask, batch):
+def _forward(q, k, v, mask, seed, batch, rate):
     return jax.ffi.ffi_call(FORWARD, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q, k, v, mask, batch=batch)
+        q, k, v, mask, seed, batch=batch, rate=np.float32(rate))
 
 
-def _attention_fwd(q, k, v, mask, batch):
-    out = _forward(q, k, v, mask, batch)
-    return out, (q, k, v, mask, out)
+def _attention_fwd(q, k, v, mask, seed, batch, rate):
+    out = _forward(q, k, v, mask, seed, batch, rate)
+    return out, (q, k, v, mask, seed, out)
 
 
-def _attention_bwd(batch, residuals, dout):
-    q, k, v, mask, out = residuals
-    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-              jax.ShapeDtypeStruct(k.shape, jnp.float32),
-              jax.ShapeDtypeStruct(v.shape, jnp.float32))
-    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, shapes)(q, k, v, mask, out,
-                                                   dout.astype(jnp.float32), batch=batch)
-    return dq, dk, dv, None
+def _attention_bwd(batch, rate, residuals, dout):
+    q, k, v, mask, seed, out = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, shapes)(
+        q, k, v, mask, seed, out, dout.astype(jnp.float32), batch=batch, rate=np.float32(rate))
+    return dq, dk, dv, None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
