@@ -4,12 +4,14 @@ the floor.
 
     python -m benchmarks.flowar_sampling [--official /path/to/FlowAR] [--batches 1 8]
         [--size S] [--disa 15] [--scan] [--rounds 3] [--compete] [--torch-threads N]
+        [--xla-ops]
 
 `--official` points at a checkout of OliverRen/FlowAR (not part of arjax; needs
 `pip install --no-deps timm einops`, see benchmarks/official_flowar.py); its `sample_tokens` +
 `vae.decode` run with the same settings and weights (its ODE runs in float64, as released).
 `--disa N` also times arjax with DiSA (flow steps annealed from 25 to N over the scales),
-`--scan` with `scan_layers` on (each stack one `lax.scan`, cached decode included). The
+`--scan` with `scan_layers` on (each stack one `lax.scan`, cached decode included),
+`--xla-ops` with arjax's CPU kernels off (`arjax.nn.cpu_attention`). The
 runs are interleaved (`benchmarks.harness`); arjax's compilation (ahead of time) is timed apart.
 Floors: per scale the trunk reads its weights once and does 2 FLOPs per weight per new token
 row, every flow step the head does the same over the scale's tokens (CFG doubles the rows
@@ -59,14 +61,15 @@ def workload(cfg, params, sample_cfg, batch: int) -> tuple[float, float]:
     return bytes_read, flops
 
 
-def arjax_sample_run(model, vae, sample_cfg, batch: int):
-    """(sampling run, compile seconds)."""
+def arjax_sample_run(model, vae, sample_cfg, batch: int, kernels: bool = True):
+    """(sampling run, compile seconds); `kernels=False`: traced with arjax's CPU kernels off."""
     (graphdef, params), (vae_graphdef, vae_params) = model, vae
     labels = jnp.arange(batch, dtype=jnp.int32) * 97 % 1000
-    return harness.compiled_sampler(
-        lambda p, vp, k: flowar_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
-                                                sample_cfg, KL_16.scale).images,
-        params, vae_params)
+    with harness.kernels(kernels):
+        return harness.compiled_sampler(
+            lambda p, vp, k: flowar_sampling.sample(graphdef, p, vae_graphdef, vp, k, labels,
+                                                    sample_cfg, KL_16.scale).images,
+            params, vae_params)
 
 
 def arjax_decode_run(vae, batch: int):
@@ -136,6 +139,9 @@ def main(argv=None) -> None:
                 lambda: FlowAR(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(0))))[0]
             runs["arjax scanned"], scan_compile_s = arjax_sample_run(
                 (scanned, model[1]), vae, sample_cfg, batch)
+        if args.xla_ops:
+            runs["arjax, XLA ops"], xla_compile_s = arjax_sample_run(model, vae, sample_cfg,
+                                                                     batch, kernels=False)
         if args.official:
             runs["official"], runs["official decode"] = official_runs(
                 args.official, args.size, model, vae, sample_cfg, batch)
@@ -154,6 +160,8 @@ def main(argv=None) -> None:
                         f"{harness.spread(times['arjax DiSA'])}")
         if args.scan:
             line.append(harness.variant(times, "arjax scanned", scan_compile_s))
+        if args.xla_ops:
+            line.append(harness.variant(times, "arjax, XLA ops", xla_compile_s))
         print(" | ".join(line) + f" | load {busy}", flush=True)
 
 
