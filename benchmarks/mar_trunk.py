@@ -2,7 +2,7 @@
 part of `benchmarks.mar_sampling` that does not depend on the schedule or the diffusion head.
 
     python -m benchmarks.mar_trunk --official /path/to/mar [--size B] [--rows 16]
-                                   [--known 64 128 192] [--rounds 5]
+                                   [--known 64 128 192] [--rounds 5] [--xla-ops]
 
 `rows` is the trunk's batch (a sampling batch of rows / 2 with CFG), `known` the tokens known at
 the step. The official side calls `forward_mae_encoder` (which drops the unknown tokens) and
@@ -25,8 +25,9 @@ from benchmarks.mar_sampling import random_models, trunk_weights
 
 
 def time_pass(graphdef, params, official, cfg, tokens, cond, known: int, weights, machine,
-              rounds: int, rng) -> str:
-    """One printed line: both trunks on the same rows with `known` random known tokens each."""
+              rounds: int, rng, xla_ops: bool = False) -> str:
+    """One printed line: both trunks on the same rows with `known` random known tokens each
+    (with `xla_ops`, arjax's also compiled with its CPU kernels off)."""
     import torch
 
     rows, length = tokens.shape[:2]
@@ -34,8 +35,13 @@ def time_pass(graphdef, params, official, cfg, tokens, cond, known: int, weights
     is_known = np.zeros((rows, length), bool)
     np.put_along_axis(is_known, order[:, :known], True, axis=1)
     inputs = (params, jnp.asarray(tokens), jnp.asarray(is_known), jnp.asarray(cond))
-    ours, compile_s = harness.compiled(
-        lambda p, t, k, c: bind(graphdef, p)(t, k, c, cap=known), *inputs)
+    trunk = lambda p, t, k, c: bind(graphdef, p)(t, k, c, cap=known)
+    ours, compile_s = harness.compiled(trunk, *inputs)
+    runs = {"arjax": lambda: jax.block_until_ready(ours(*inputs))}
+    if xla_ops:
+        with harness.kernels(False):
+            plain = harness.compiled(trunk, *inputs)[0]
+        runs["arjax, XLA ops"] = lambda: jax.block_until_ready(plain(*inputs))
     mask = torch.from_numpy((~is_known).astype(np.float32))  # official: 1 = unknown
 
     def theirs():
@@ -45,15 +51,15 @@ def time_pass(graphdef, params, official, cfg, tokens, cond, known: int, weights
             return official.forward_mae_decoder(z, mask)
 
     a, b = np.asarray(jax.block_until_ready(ours(*inputs))), theirs().numpy()
-    times = harness.interleave({"arjax": lambda: jax.block_until_ready(ours(*inputs)),
-                                "official": theirs}, rounds)
+    times = harness.interleave({**runs, "official": theirs}, rounds)
     enc, dec = weights
     pad = cfg.buffer_size
     flops = 2 * rows * (enc * (pad + known) + dec * (pad + length))
     floor_s = harness.floor(4 * (enc + dec), flops, machine)[0]
     rel = np.abs(a - b).max() / np.abs(b).max()
     return (f"{known} known: floor {floor_s:.2f} s | "
-            + " | ".join(harness.columns(times, floor_s, f" (compile {compile_s:.0f} s)"))
+            + " | ".join(harness.columns(times, floor_s, f" (compile {compile_s:.0f} s)")
+                         + ([harness.variant(times, "arjax, XLA ops")] if xla_ops else []))
             + f" | max relative difference {rel:.1e} | load {harness.load()}")
 
 
@@ -67,6 +73,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--known", type=int, nargs="+", default=[64, 128, 192])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--xla-ops", action="store_true",
+                        help="also time arjax with its CPU kernels off (XLA's attention)")
     args = parser.parse_args(argv)
     cfg, graphdef, params, official = random_models(args.official, args.size, 100)
     enc, dec = trunk_weights(params)
@@ -79,7 +87,7 @@ def main(argv=None) -> None:
           "threads")
     for known in args.known:
         print(time_pass(graphdef, params, official, cfg, tokens, cond, known, (enc, dec),
-                        machine, args.rounds, rng), flush=True)
+                        machine, args.rounds, rng, args.xla_ops), flush=True)
 
 
 if __name__ == "__main__":
