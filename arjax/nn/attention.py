@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arjax.nn import cpu_attention
-from arjax.nn.layers import Linear
+from arjax.nn.layers import Linear, keep_mask
 from arjax.nn.rope import apply_rope
 
 KVCache = dict[str, jax.Array]
@@ -41,7 +41,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     both matmuls are plain [B*K]-batched ones: XLA:CPU took 1.5-1.9x as long with 5-D
     einsums over (b, t, k, g) (`benchmarks.attention_rates`, docs/benchmarks.md). On the CPU
     in float32 the fused kernel of `nn.cpu_attention` computes the same (its dropout draws
-    differ from `jax.random.bernoulli`'s, with the same law)."""
+    differ from `nn.layers.keep_mask`'s, with the same law)."""
     b, t, h, d = q.shape
     kv, g = k.shape[1], h // k.shape[1]
     q = q * jnp.asarray(d**-0.5 if scale is None else scale, q.dtype)
@@ -77,7 +77,7 @@ def _unfused(q, k, v, mask, g, dropout):
                            -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout is not None and dropout[1] > 0:
-        probs = jnp.where(jax.random.bernoulli(dropout[0], 1 - dropout[1], probs.shape),
+        probs = jnp.where(keep_mask(dropout[0], dropout[1], probs.shape),
                           probs / (1 - dropout[1]), 0.0)
     return jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
 

@@ -9,7 +9,7 @@ at a time against the keys up to the block's last visible one, so logits stay in
 per-thread buffer, and splits the (batch x head) groups over the cores. The backward pass
 recomputes the probabilities (nothing [rows, keys]-sized is kept between the passes), and
 with dropout the same keep pattern, a hash of (seed, group, row, key): the law of
-`jax.random.bernoulli`'s dropout, not its draws.
+`nn.layers.keep_mask`, not its draws.
 
 Semantics are `nn.attention.attend`'s: a masked logit is -1e30, so a row with no visible key
 is uniform over all keys.
