@@ -60,6 +60,8 @@ static void column_block(int64_t M, int64_t K, const float* A, int64_t ars, int6
   }
 }
 
+static int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
+
 // C[M x N] (+)= A[M x K] B[K x N], N a multiple of 16.
 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t acs,
                  const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
@@ -100,7 +102,7 @@ struct Problem {
           ffi::Buffer<ffi::U8> mask_, int64_t batch) {
     G = q_.dimensions()[0], M = q_.dimensions()[1], D = q_.dimensions()[2];
     S = k_.dimensions()[1], Bm = mask_.dimensions()[0], T = mask_.dimensions()[1];
-    per_batch = G / batch, padded = (S + 15) / 16 * 16;
+    per_batch = G / batch, padded = up16(S);
     q = q_.typed_data(), k = k_.typed_data(), v = v_.typed_data(), mask = mask_.typed_data();
     row_end.assign(Bm * T, S);
     for (int64_t r = 0; r < Bm * T; ++r) {
@@ -128,7 +130,7 @@ struct Problem {
   int64_t softmax(int64_t g, int64_t m0, int64_t rows, const float* kt, float* p) const {
     int64_t end = 0;
     for (int64_t i = 0; i < rows; ++i) end = std::max(end, end_of(g, m0 + i));
-    int64_t cols = (end + 15) / 16 * 16;
+    int64_t cols = up16(end);
     gemm(rows, cols, D, q + (g * M + m0) * D, D, 1, kt, padded, p, padded, false);
     for (int64_t i = 0; i < rows; ++i) {
       float* row = p + i * padded;
@@ -198,7 +200,7 @@ static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   float *dQ = dq->typed_data(), *dK = dk->typed_data(), *dV = dv->typed_data();
   over_groups(P.G, [&](int64_t g0, int64_t g1) {
     std::vector<float> kt(P.D * P.padded), vt(P.D * P.padded), p(ROWS * P.padded),
-        dp(ROWS * P.padded), delta(ROWS);
+        dp(ROWS * P.padded);
     for (int64_t g = g0; g < g1; ++g) {
       const float *kg = P.k + g * P.S * P.D, *vg = P.v + g * P.S * P.D;
       float *dkg = dK + g * P.S * P.D, *dvg = dV + g * P.S * P.D;
@@ -209,7 +211,7 @@ static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       for (int64_t m0 = 0; m0 < P.M; m0 += ROWS) {
         int64_t rows = std::min(ROWS, P.M - m0), at = (g * P.M + m0) * P.D;
         int64_t end = P.softmax(g, m0, rows, kt.data(), p.data());
-        int64_t cols = (end + 15) / 16 * 16;
+        int64_t cols = up16(end);
         // With F the dropout factors: dP = F dO V^T, dS = P (dP - rowsum(dO * O)) at
         // visible keys (written over dP), then F P over P.
         gemm(rows, cols, P.D, dO + at, P.D, 1, vt.data(), P.padded, dp.data(), P.padded, false);
@@ -238,26 +240,26 @@ static ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
+// The operands both passes take first: q, k, v, mask, dropout seed.
+static auto Operands() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::U8>>()
+      .Arg<ffi::Buffer<ffi::U32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
+                              Operands()
                                   .Attr<int64_t>("batch")
                                   .Attr<float>("rate")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              Operands()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
                                   .Attr<int64_t>("batch")
                                   .Attr<float>("rate")
                                   .Ret<ffi::Buffer<ffi::F32>>()
